@@ -4,7 +4,7 @@ setup(
     name="frcnn",
     version="0.1.0",
     description="Faster R-CNN training framework in pure PyTorch",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["frcnn", "frcnn.*"]),
     install_requires=[
         "torch>=2.1",

@@ -8,9 +8,8 @@ torchvision's Faster R-CNN where the paper and torchvision agree; the shipped co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
 
-# Annotations use typing.List / Optional so the loader can introspect them on Python 3.9.
+
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,7 @@ class BackboneConfig:
     # small | vgg16 | resnet50_c4 | resnet101_c4 | resnet18_fpn | resnet34_fpn | resnet50_fpn
     # | resnet101_fpn | mobilenet_v3_large_fpn
     name: str = "resnet50_fpn"
-    # local file with torchvision ImageNet weights (a state_dict, as torchvision saves them); "" = none
+    # local file with torchvision ImageNet weights (a state_dict as torchvision saves it); "" = none
     pretrained: str = ""
     # frozen_bn (pretrained trunks) | bn | gn (trainable, for training from scratch)
     norm: str = "frozen_bn"
@@ -32,11 +31,11 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class AnchorConfig:
     # one list of sizes (pixels, sqrt of area) per feature level
-    sizes: List[List[float]] = field(
+    sizes: list[list[float]] = field(
         default_factory=lambda: [[32.0], [64.0], [128.0], [256.0], [512.0]]
     )
     # height / width ratios; one list for all levels, or one list per level
-    aspect_ratios: List[List[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
+    aspect_ratios: list[list[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
     # anchors crossing the image border by more than this many pixels are ignored in training;
     # -1 keeps every anchor (torchvision), 0 drops those crossing the border (jwyang, the paper)
     allowed_border: float = -1.0
@@ -75,7 +74,7 @@ class ROIHeadsConfig:
     bg_iou_thresh_lo: float = 0.0
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
-    bbox_reg_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     class_agnostic_bbox_reg: bool = False
     smooth_l1_beta: float = 1.0
     loss_weight: float = 1.0
@@ -88,8 +87,8 @@ class ROIHeadsConfig:
 class ModelConfig:
     num_classes: int = 80
     # RGB mean / std of images scaled to [0, 1] (torchvision's ImageNet statistics)
-    pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     size_divisibility: int = 32
     # local frcnn checkpoint to start from (e.g. made by tools/convert_weights.py); "" = none
     weights: str = ""
@@ -108,7 +107,7 @@ class DatasetConfig:
     # COCO: the annotation json; VOC: the image-set name, e.g. trainval
     annotations: str = ""
     # VOC only: class names in label order; empty = the 20 PASCAL classes
-    class_names: List[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -129,12 +128,15 @@ class DataConfig:
     test: DatasetConfig = field(default_factory=DatasetConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     # shortest-side resize: one of min_size is drawn per training image
-    min_size: List[int] = field(default_factory=lambda: [800])
+    min_size: list[int] = field(default_factory=lambda: [800])
     max_size: int = 1333
     test_min_size: int = 800
     test_max_size: int = 1333
     flip_prob: float = 0.5
     keep_difficult: bool = False  # VOC: train on difficult objects too
+    # COCO: labels are the category ids themselves (torchvision's 91-logit layout) instead of
+    # contiguous 1..K; model.num_classes is then the largest category id
+    category_ids_as_labels: bool = False
     filter_empty: bool = False  # drop training images without objects
     aspect_ratio_grouping: bool = True
     num_workers: int = 2
@@ -153,7 +155,7 @@ class SolverConfig:
     weight_decay_bias: float = 0.0
     max_iter: int = 90000
     lr_schedule: str = "step"  # step | cosine
-    steps: List[int] = field(default_factory=lambda: [60000, 80000])
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
     gamma: float = 0.1
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
@@ -167,7 +169,7 @@ class SolverConfig:
 @dataclass(frozen=True)
 class TestConfig:
     eval_period: int = 0  # 0 = only at the end
-    evaluators: List[str] = field(default_factory=lambda: ["coco"])  # coco | voc07 | voc
+    evaluators: list[str] = field(default_factory=lambda: ["coco"])  # coco | voc07 | voc
     ims_per_batch: int = 1
 
 
@@ -182,5 +184,3 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
-
-
