@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# exp() of larger deltas would overflow float32 widths; torchvision and detectron2 use the same clip.
+# exp() of larger deltas overflows float32 widths; torchvision and detectron2 use the same clip.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 

@@ -25,13 +25,18 @@ class Targets:
 
     boxes: Tensor
     labels: Tensor
-    iscrowd: Optional[Tensor] = None  # noqa: UP045 - dataclass fields are evaluated on 3.9
+    iscrowd: Optional[Tensor] = None  # noqa: UP045
+    # how many crowd boxes there are, known on the host so the model can skip crowd handling
+    # without waiting for the device; counted when the record is made (in the data loader)
+    num_crowd: Optional[int] = None  # noqa: UP045
 
     def __post_init__(self) -> None:
         if self.iscrowd is None:
             self.iscrowd = torch.zeros(
                 self.labels.shape, dtype=torch.bool, device=self.labels.device
             )
+        if self.num_crowd is None:
+            self.num_crowd = int(self.iscrowd.sum())
         if not (self.boxes.shape[0] == self.labels.shape[0] == self.iscrowd.shape[0]):
             raise ValueError(
                 f"Targets: boxes {tuple(self.boxes.shape)}, labels {tuple(self.labels.shape)} and "
@@ -46,6 +51,7 @@ class Targets:
             self.boxes.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
             self.iscrowd.to(device, non_blocking=True),  # type: ignore[union-attr]
+            self.num_crowd,
         )
 
     @staticmethod

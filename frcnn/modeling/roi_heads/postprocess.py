@@ -1,0 +1,71 @@
+"""Detections from the box head's outputs: softmax, per-class decode, clip, score threshold,
+per-class NMS, the best detections per image.
+
+Shapes: N images, K proposal slots per image, C foreground classes, D detection slots per image.
+One NMS call serves the whole batch, its groups keyed by image and class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from frcnn.modeling.topk_per_image import scatter_top_per_image
+from frcnn.structures import BoxCoder, Detections, clip_boxes
+
+# boxes narrower or shorter than this are dropped before NMS (torchvision's value)
+MIN_BOX_SIZE = 1e-2
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+
+
+def postprocess_detections(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    proposals: Tensor,
+    proposal_valid: Tensor,
+    image_sizes: Tensor,
+    settings: PostprocessSettings,
+    box_coder: BoxCoder,
+) -> list[Detections]:
+    """``class_logits`` (N, K, C+1), ``box_deltas`` (N, K, 4(C+1)) or (N, K, 4), ``proposals``
+    (N, K, 4), ``proposal_valid`` (N, K), ``image_sizes`` (N, 2) -> one Detections per image."""
+    num_images, num_proposals, num_logits = class_logits.shape
+    num_classes = num_logits - 1
+    scores = torch.softmax(class_logits.float(), dim=-1)[..., 1:]  # (N, K, C)
+    boxes = box_coder.decode(box_deltas, proposals).reshape(num_images, num_proposals, -1, 4)
+    boxes = clip_boxes(boxes, image_sizes[:, None, None, :])
+    boxes = boxes[:, :, 1:] if boxes.shape[2] > 1 else boxes.expand(-1, -1, num_classes, -1)
+
+    labels = torch.arange(1, num_classes + 1, device=scores.device).expand_as(scores)
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    keep = proposal_valid[..., None] & (scores > settings.score_thresh)
+    keep &= (widths >= MIN_BOX_SIZE) & (heights >= MIN_BOX_SIZE)
+    image_ids = torch.arange(num_images, device=scores.device)[:, None, None].expand_as(scores)
+    # (N, K, C) -> (N*K*C): proposal-major, class-minor, the order torchvision flattens in
+    groups = torch.where(keep, image_ids * num_classes + labels - 1, num_images * num_classes)
+    flat_boxes = boxes.reshape(-1, 4)
+    kept = batched_nms(flat_boxes, scores.reshape(-1), groups.reshape(-1), settings.nms_thresh)
+    kept_image = torch.where(keep.reshape(-1)[kept], image_ids.reshape(-1)[kept], num_images)
+    filled, (det_boxes, det_scores, det_labels) = scatter_top_per_image(
+        kept_image,
+        num_images,
+        settings.detections_per_image,
+        flat_boxes[kept],
+        scores.reshape(-1)[kept],
+        labels.reshape(-1)[kept],
+    )
+    counts = filled.sum(dim=1).tolist()  # the one host read: detections leave the device here
+    return [
+        Detections(det_boxes[i, :n], det_scores[i, :n], det_labels[i, :n])
+        for i, n in enumerate(counts)
+    ]

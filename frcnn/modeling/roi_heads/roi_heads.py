@@ -1,0 +1,81 @@
+"""RoI heads: proposal targets and losses in training, detections at inference.
+
+Shapes: N images, K proposal slots per image, S sampled RoIs per image, C foreground classes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from frcnn.modeling.roi_heads.loss import rcnn_losses
+from frcnn.modeling.roi_heads.postprocess import PostprocessSettings, postprocess_detections
+from frcnn.modeling.roi_heads.proposal_target import ProposalTargetSettings, sample_proposals
+from frcnn.modeling.rpn.proposals import Proposals
+from frcnn.structures import BoxCoder, Detections, ImageList, Targets
+
+
+class ROIHeads(nn.Module):
+    def __init__(
+        self,
+        pooler: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        sampling: ProposalTargetSettings,
+        postprocess: PostprocessSettings,
+        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        smooth_l1_beta: float = 1.0,
+        loss_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.sampling = sampling
+        self.postprocess = postprocess
+        self.box_coder = BoxCoder(bbox_reg_weights)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.loss_weight = loss_weight
+
+    def forward(
+        self,
+        features: OrderedDict[str, Tensor],
+        proposals: Proposals,
+        images: ImageList,
+        targets: list[Targets] | None = None,
+    ) -> list[Detections] | dict[str, Tensor]:
+        if self.training:
+            if targets is None:
+                raise ValueError("the RoI heads need targets in training mode")
+            with torch.no_grad():
+                samples = sample_proposals(proposals, targets, self.sampling, self.box_coder)
+            class_logits, box_deltas = self._predict(features, samples.boxes, images)
+            losses = rcnn_losses(
+                class_logits,
+                box_deltas,
+                samples.labels.reshape(-1),
+                samples.box_targets.reshape(-1, 4),
+                self.smooth_l1_beta,
+            )
+            return {name: loss * self.loss_weight for name, loss in losses.items()}
+        class_logits, box_deltas = self._predict(features, proposals.boxes, images)
+        num_images, num_proposals = proposals.boxes.shape[:2]
+        return postprocess_detections(
+            class_logits.reshape(num_images, num_proposals, -1),
+            box_deltas.reshape(num_images, num_proposals, -1),
+            proposals.boxes,
+            proposals.valid,
+            images.sizes_tensor(),
+            self.postprocess,
+            self.box_coder,
+        )
+
+    def _predict(
+        self, features: OrderedDict[str, Tensor], boxes: Tensor, images: ImageList
+    ) -> tuple[Tensor, Tensor]:
+        """(N, S, 4) RoIs -> class logits (N*S, C+1) and box deltas (N*S, 4(C+1))."""
+        padded_size = (int(images.tensor.shape[-2]), int(images.tensor.shape[-1]))
+        pooled = self.pooler(features, boxes, images.image_sizes, padded_size)
+        return self.box_predictor(self.box_head(pooled))

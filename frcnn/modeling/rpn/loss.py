@@ -1,0 +1,54 @@
+"""RPN losses, the mathematics of the seed (jwyang/faster-rcnn.pytorch) without its host syncs.
+
+Shapes: N images, R anchors per image, C = 2 (softmax pair) or 1 (sigmoid logit).
+
+rpn_loss_cls: cross-entropy over every sampled anchor of the batch (labels 1 / 0), anchors labelled
+IGNORE (-1) left out. The seed drops them with ``ne(-1).nonzero()`` + ``index_select`` and takes the
+mean; ``ignore_index`` with a sum divided by the count of kept anchors is the same number and never
+waits for the device (and gives 0, not NaN, when every anchor is ignored).
+
+rpn_loss_box: smooth-L1 with sigma = 3 (beta = 1 / sigma**2) on the positive anchors (inside
+weights), each image's sum divided by its own count of sampled anchors (outside weights), then the
+mean over images. (The seed normalises every image by the last image's count; that is a bug.)
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from frcnn.structures import IGNORE, POSITIVE
+
+
+def rpn_loss_cls(logits: Tensor, labels: Tensor) -> Tensor:
+    """``logits`` (N, R, C), ``labels`` (N, R) in {1, 0, -1} -> scalar."""
+    labels = labels.reshape(-1)
+    num_sampled = (labels != IGNORE).sum().clamp(min=1)
+    if logits.shape[-1] == 2:
+        loss = F.cross_entropy(
+            logits.reshape(-1, 2).float(), labels, ignore_index=IGNORE, reduction="sum"
+        )
+    else:
+        per_anchor = F.binary_cross_entropy_with_logits(
+            logits.reshape(-1).float(), labels.clamp(min=0).float(), reduction="none"
+        )
+        loss = per_anchor.masked_fill(labels == IGNORE, 0.0).sum()
+    return loss / num_sampled
+
+
+def rpn_loss_box(deltas: Tensor, box_targets: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """``deltas`` and ``box_targets`` (N, R, 4), ``labels`` (N, R) -> scalar."""
+    per_anchor = F.smooth_l1_loss(deltas.float(), box_targets, beta=beta, reduction="none").sum(-1)
+    positive = labels == POSITIVE
+    num_sampled_per_image = (labels != IGNORE).sum(dim=1).clamp(min=1)  # (N,)
+    per_image = per_anchor.masked_fill(~positive, 0.0).sum(dim=1) / num_sampled_per_image
+    return per_image.mean()
+
+
+def rpn_losses(
+    logits: Tensor, deltas: Tensor, labels: Tensor, box_targets: Tensor, beta: float = 1.0 / 9.0
+) -> dict[str, Tensor]:
+    return {
+        "rpn_loss_cls": rpn_loss_cls(logits, labels),
+        "rpn_loss_box": rpn_loss_box(deltas, box_targets, labels, beta),
+    }

@@ -1,0 +1,97 @@
+"""Proposal layer: turn the RPN's scores and deltas into a fixed number of proposals per image.
+
+Shapes: N images, R anchors per image, L levels, T = sum over levels of min(pre_nms_topk, Rl)
+candidates per image, K = post_nms_topk proposal slots per image.
+
+Steps, as in the paper and torchvision: per-level top-k by objectness, decode, clip, drop boxes
+smaller than ``min_size`` or scoring under ``score_thresh``, NMS per image and level, keep the best
+K. One NMS call serves the whole batch (groups keyed by image and level); dropped boxes go to a
+group of their own so they suppress nothing. The output has a fixed shape with a ``valid`` mask, so
+no count is read on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from frcnn.modeling.topk_per_image import scatter_top_per_image
+from frcnn.structures import BoxCoder, clip_boxes
+
+
+@dataclass
+class Proposals:
+    """``boxes`` (N, K, 4) float32 in the padded batch's pixels, ``scores`` (N, K) objectness
+    probabilities in decreasing order, ``valid`` (N, K) mask of filled slots."""
+
+    boxes: Tensor
+    scores: Tensor
+    valid: Tensor
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    pre_nms_topk: int = 1000
+    post_nms_topk: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 1e-3
+    score_thresh: float = 0.0
+
+
+def generate_proposals(
+    anchors: Tensor,
+    objectness: Tensor,
+    deltas: Tensor,
+    image_sizes: Tensor,
+    num_anchors_per_level: list[int],
+    settings: ProposalSettings,
+    box_coder: BoxCoder,
+) -> Proposals:
+    """``anchors`` (R, 4), ``objectness`` (N, R) logits, ``deltas`` (N, R, 4), ``image_sizes``
+    (N, 2) of (height, width) -> Proposals. Nothing here is differentiated."""
+    objectness = objectness.detach()
+    deltas = deltas.detach()
+    num_images = objectness.shape[0]
+    top_idx, levels = _top_per_level(objectness, num_anchors_per_level, settings.pre_nms_topk)
+    scores = torch.sigmoid(torch.gather(objectness, 1, top_idx))  # (N, T)
+    top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
+    boxes = box_coder.decode(top_deltas, anchors[top_idx])  # (N, T, 4)
+    boxes = clip_boxes(boxes, image_sizes[:, None, :])
+
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    keep = (widths >= settings.min_size) & (heights >= settings.min_size)
+    keep &= scores >= settings.score_thresh
+    num_levels = len(num_anchors_per_level)
+    image_ids = torch.arange(num_images, device=boxes.device)[:, None].expand_as(scores)
+    groups = torch.where(keep, image_ids * num_levels + levels, num_images * num_levels)
+    kept = batched_nms(
+        boxes.reshape(-1, 4), scores.reshape(-1), groups.reshape(-1), settings.nms_thresh
+    )
+    kept_image = torch.where(keep.reshape(-1)[kept], image_ids.reshape(-1)[kept], num_images)
+    valid, (out_boxes, out_scores) = scatter_top_per_image(
+        kept_image,
+        num_images,
+        settings.post_nms_topk,
+        boxes.reshape(-1, 4)[kept],
+        scores.reshape(-1)[kept],
+    )
+    return Proposals(out_boxes, out_scores, valid)
+
+
+def _top_per_level(
+    objectness: Tensor, num_anchors_per_level: list[int], pre_nms_topk: int
+) -> tuple[Tensor, Tensor]:
+    """Indices (N, T) of each level's best ``pre_nms_topk`` anchors and their level ids (N, T)."""
+    indices, levels = [], []
+    offset = 0
+    for level, (scores) in enumerate(objectness.split(num_anchors_per_level, dim=1)):
+        k = min(pre_nms_topk, scores.shape[1])
+        _, idx = scores.topk(k, dim=1)
+        indices.append(idx + offset)
+        levels.append(torch.full_like(idx, level))
+        offset += scores.shape[1]
+    return torch.cat(indices, dim=1), torch.cat(levels, dim=1)
