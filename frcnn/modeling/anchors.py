@@ -8,10 +8,13 @@ the RPN head's outputs are flattened in (see rpn/head.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+CACHE_SIZE = 16
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
@@ -49,7 +52,8 @@ class AnchorGenerator(nn.Module):
                 "ratios; give one list for all levels or one per level"
             )
         self.cell_anchors = [cell_anchors(s, r) for s, r in zip(sizes, aspect_ratios)]
-        self._cache: dict[tuple, Tensor] = {}
+        # multi-scale training meets many padded sizes: keep the most recent few
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @property
     def num_anchors_per_location(self) -> list[int]:
@@ -74,7 +78,9 @@ class AnchorGenerator(nn.Module):
             )
         key = (tuple(image_size), tuple(tuple(s) for s in feature_sizes), str(device))
         anchors = self._cache.get(key)
-        if anchors is None:
+        if anchors is not None:
+            self._cache.move_to_end(key)
+        else:
             anchors = torch.cat(
                 [
                     self._grid_anchors(cell, size, image_size, device)
@@ -82,6 +88,8 @@ class AnchorGenerator(nn.Module):
                 ]
             )
             self._cache[key] = anchors
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return anchors
 
     @staticmethod

@@ -54,7 +54,10 @@ def postprocess_detections(
     # (N, K, C) -> (N*K*C): proposal-major, class-minor, the order torchvision flattens in
     groups = torch.where(keep, image_ids * num_classes + labels - 1, num_images * num_classes)
     flat_boxes = boxes.reshape(-1, 4)
-    kept = batched_nms(flat_boxes, scores.reshape(-1), groups.reshape(-1), settings.nms_thresh)
+    # float64 for the same reason as in the proposal layer: exact per-group shifts
+    kept = batched_nms(
+        flat_boxes.double(), scores.reshape(-1).double(), groups.reshape(-1), settings.nms_thresh
+    )
     kept_image = torch.where(keep.reshape(-1)[kept], image_ids.reshape(-1)[kept], num_images)
     filled, (det_boxes, det_scores, det_labels) = scatter_top_per_image(
         kept_image,

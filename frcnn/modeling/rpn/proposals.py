@@ -68,8 +68,13 @@ def generate_proposals(
     num_levels = len(num_anchors_per_level)
     image_ids = torch.arange(num_images, device=boxes.device)[:, None].expand_as(scores)
     groups = torch.where(keep, image_ids * num_levels + levels, num_images * num_levels)
+    # float64: batched_nms may shift each group by a multiple of the largest coordinate, and in
+    # float32 that rounding would let one image's result depend on the others in the batch
     kept = batched_nms(
-        boxes.reshape(-1, 4), scores.reshape(-1), groups.reshape(-1), settings.nms_thresh
+        boxes.reshape(-1, 4).double(),
+        scores.reshape(-1).double(),
+        groups.reshape(-1),
+        settings.nms_thresh,
     )
     kept_image = torch.where(keep.reshape(-1)[kept], image_ids.reshape(-1)[kept], num_images)
     valid, (out_boxes, out_scores) = scatter_top_per_image(

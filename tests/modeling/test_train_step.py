@@ -1,0 +1,184 @@
+"""One CPU training step for each backbone family on a tiny input: all four losses finite,
+gradients reach the backbone; one step in bf16 autocast on CPU is finite too. Inference returns
+Detections in the original image size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frcnn.build import build_model
+from frcnn.config import (
+    AnchorConfig,
+    BackboneConfig,
+    ModelConfig,
+    ROIHeadsConfig,
+    RPNConfig,
+)
+from frcnn.structures import Detections, Targets
+
+LOSS_KEYS = {"rpn_loss_cls", "rpn_loss_box", "rcnn_loss_cls", "rcnn_loss_box"}
+FPN_SIZES = [[32.0], [64.0], [128.0], [256.0], [512.0]]
+SINGLE_SIZES = [[32.0, 64.0, 128.0]]
+
+
+def tiny_config(
+    backbone: str,
+    sizes: list[list[float]],
+    norm: str = "frozen_bn",
+    box_head: str = "mlp2",
+    pooler_resolution: int = 7,
+    rpn_batch_size: int = 64,
+) -> ModelConfig:
+    """Few proposals (100 / 50), 16 RoIs per image, a narrow head: a step takes well under 1 s."""
+    return ModelConfig(
+        num_classes=3,
+        backbone=BackboneConfig(name=backbone, norm=norm, trainable_layers=3, channels=32),
+        anchors=AnchorConfig(sizes=sizes, aspect_ratios=[[0.5, 1.0, 2.0]]),
+        rpn=RPNConfig(
+            pre_nms_topk_train=100,
+            post_nms_topk_train=50,
+            pre_nms_topk_test=100,
+            post_nms_topk_test=50,
+            batch_size_per_image=rpn_batch_size,
+        ),
+        roi_heads=ROIHeadsConfig(
+            box_head=box_head,
+            representation_size=64,
+            pooler_resolution=pooler_resolution,
+            batch_size_per_image=16,
+        ),
+    )
+
+
+FAMILIES = {
+    "small": tiny_config("small", [[16.0, 32.0, 64.0]], norm="bn"),
+    "vgg16": tiny_config("vgg16", SINGLE_SIZES, box_head="vgg_fc"),
+    "resnet50_c4": tiny_config("resnet50_c4", SINGLE_SIZES, box_head="res5", pooler_resolution=4),
+    "resnet18_fpn": tiny_config("resnet18_fpn", FPN_SIZES),
+    "resnet50_fpn": tiny_config("resnet50_fpn", FPN_SIZES),
+    "mobilenet_v3_large_fpn": tiny_config(
+        "mobilenet_v3_large_fpn", [[32.0, 64.0, 128.0, 256.0, 512.0]] * 3
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _images() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.rand(3, 96, 128, generator=generator),
+        torch.rand(3, 112, 96, generator=generator),
+    ]
+
+
+def _targets() -> list[Targets]:
+    """Image 0 has two objects and a crowd region; image 1 has none."""
+    first = Targets(
+        torch.tensor([[10.0, 12.0, 60.0, 50.0], [40.0, 30.0, 120.0, 90.0], [0.0, 60.0, 30, 96]]),
+        torch.tensor([1, 3, 2]),
+        torch.tensor([False, False, True]),
+    )
+    return [first, Targets.empty()]
+
+
+def _check_losses(losses: dict[str, torch.Tensor]) -> None:
+    assert set(losses) == LOSS_KEYS
+    for name, loss in losses.items():
+        assert loss.dim() == 0, name
+        assert loss.dtype == torch.float32, name
+        assert torch.isfinite(loss), name
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "small",
+        pytest.param("vgg16", marks=pytest.mark.slow),
+        pytest.param("resnet50_c4", marks=pytest.mark.slow),
+        "resnet18_fpn",
+        pytest.param("resnet50_fpn", marks=pytest.mark.slow),
+        "mobilenet_v3_large_fpn",
+    ],
+)
+def test_one_training_step(family):
+    model = build_model(FAMILIES[family]).train()
+    losses = model(_images(), _targets())
+    _check_losses(losses)
+    assert losses["rpn_loss_cls"] > 0 and losses["rcnn_loss_cls"] > 0
+    sum(losses.values()).backward()
+
+    backbone_params = dict(model.backbone.named_parameters())
+    trainable = {n: p for n, p in backbone_params.items() if p.requires_grad}
+    frozen = {n: p for n, p in backbone_params.items() if not p.requires_grad}
+    assert trainable
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert all(p.grad is None for p in frozen.values())
+    if family != "small":
+        assert frozen, "a torchvision trunk with trainable_layers=3 freezes its first stages"
+    # every trainable parameter takes part (DDP needs no find_unused_parameters); a sum is
+    # finite only when every element is, and is cheaper than isfinite on VGG's 100M-weight fc6
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, name
+            assert torch.isfinite(parameter.grad.sum()), name
+
+
+def test_image_without_ground_truth_adds_nothing_to_rpn_loss_box():
+    """rpn_loss_box is the mean over images of each image's own normalised sum, so an image without
+    objects contributes 0 and halves a two-image batch's loss. Frozen batch norm keeps images
+    independent, and a batch larger than the anchor count makes the RPN sampling take every
+    anchor (nothing random)."""
+    model = build_model(tiny_config("resnet18_fpn", FPN_SIZES, rpn_batch_size=10**6)).train()
+    image = _images()[0]
+    target = _targets()[0]
+    alone = model([image], [target])
+    batched = model([image, torch.rand(3, 96, 128)], [target, Targets.empty()])
+    assert alone["rpn_loss_box"] > 0
+    torch.testing.assert_close(
+        batched["rpn_loss_box"], alone["rpn_loss_box"] / 2, rtol=1e-4, atol=1e-7
+    )
+
+
+def test_batch_without_any_ground_truth():
+    model = build_model(FAMILIES["small"]).train()
+    losses = model(_images(), [Targets.empty(), Targets.empty()])
+    _check_losses(losses)
+    assert losses["rpn_loss_box"] == 0
+    assert losses["rcnn_loss_box"] == 0
+    sum(losses.values()).backward()
+
+
+def test_bf16_autocast_step_on_cpu():
+    model = build_model(FAMILIES["small"]).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_images(), _targets())
+    _check_losses(losses)
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_eval_returns_detections_in_original_size():
+    model = build_model(FAMILIES["small"]).eval()
+    images = _images()  # (96, 128) and (112, 96)
+    original_sizes = [(192, 256), (56, 48)]  # the first was halved, the second doubled
+    with torch.no_grad():
+        plain = model(images)
+        rescaled = model(images, original_sizes=original_sizes)
+    assert len(plain) == len(rescaled) == 2
+    assert sum(len(d) for d in rescaled) > 0
+    for det, ref, (height, width), factor in zip(rescaled, plain, original_sizes, (2.0, 0.5)):
+        assert isinstance(det, Detections)
+        assert det.boxes.shape == (len(det), 4)
+        assert det.scores.shape == det.labels.shape == (len(det),)
+        assert ((det.labels >= 1) & (det.labels <= 3)).all()
+        assert (det.boxes[:, 0::2] >= 0).all() and (det.boxes[:, 0::2] <= width).all()
+        assert (det.boxes[:, 1::2] >= 0).all() and (det.boxes[:, 1::2] <= height).all()
+        assert (det.scores[1:] <= det.scores[:-1]).all()
+        torch.testing.assert_close(det.boxes, ref.boxes * factor)
+        assert torch.equal(det.scores, ref.scores)
