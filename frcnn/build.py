@@ -6,9 +6,40 @@ them. Implementations are chosen with plain dicts, no registries.
 
 from __future__ import annotations
 
-from torch import nn
+import logging
+from collections.abc import Callable
+from pathlib import Path
 
-from frcnn.config.schema import ModelConfig
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from frcnn.config import config_to_dict
+from frcnn.config.schema import Config, ModelConfig
+from frcnn.datasets import (
+    COCODataset,
+    VOCDataset,
+    build_test_loader,
+    build_train_loader,
+    build_transforms,
+    ensure_shapes,
+)
+from frcnn.engine import (
+    Trainer,
+    build_lr_scheduler,
+    build_optimizer,
+    draw_detection_panels,
+    inference_on_dataset,
+    unwrap_model,
+)
+from frcnn.engine.distributed import get_rank, get_world_size, is_main_process
+from frcnn.engine.inference import Evaluator
+from frcnn.evaluation import (
+    COCOEvaluator,
+    VOCEvaluator,
+    coco_from_records,
+    format_per_class_table,
+)
 from frcnn.modeling import backbones
 from frcnn.modeling.anchors import AnchorGenerator
 from frcnn.modeling.faster_rcnn import FasterRCNN
@@ -22,6 +53,8 @@ from frcnn.modeling.roi_heads import (
     SingleLevelPooler,
 )
 from frcnn.modeling.rpn import RPN, AnchorMatcher, ProposalSettings, RPNHead
+
+logger = logging.getLogger(__name__)
 
 FPN_BACKBONES = {
     "resnet18_fpn": lambda c: backbones.resnet_fpn(18, c.pretrained, c.norm, c.trainable_layers),
@@ -133,3 +166,193 @@ def _build_roi_heads(
         roi.smooth_l1_beta,
         roi.loss_weight,
     )
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: Config) -> None:
+    """Write the generated shapes dataset when the config asks for it (rank 0 only; the other
+    ranks wait at a barrier in the caller)."""
+    shapes = cfg.data.shapes
+    if shapes.generate:
+        ensure_shapes(shapes.root, shapes.num_train, shapes.num_val, shapes.image_size, shapes.seed)
+
+
+def build_dataset(cfg: Config, split: str) -> Dataset:
+    """The ``train`` or ``test`` dataset of the config with its transforms."""
+    spec = cfg.data.train if split == "train" else cfg.data.test
+    is_train = split == "train"
+    data = cfg.data
+    transforms = build_transforms(
+        data.min_size if is_train else [data.test_min_size],
+        data.max_size if is_train else data.test_max_size,
+        data.flip_prob if is_train else 0.0,
+        is_train,
+    )
+    prefix = f"data.{split}"
+    if spec.format == "coco":
+        return COCODataset(
+            spec.images,
+            spec.annotations,
+            transforms,
+            filter_empty=data.filter_empty and is_train,
+            category_ids_as_labels=data.category_ids_as_labels,
+            config_prefix=prefix,
+        )
+    if spec.format == "voc":
+        return VOCDataset(
+            spec.images,
+            spec.annotations,
+            spec.class_names or None,
+            keep_difficult=data.keep_difficult and is_train,
+            transforms=transforms,
+            filter_empty=data.filter_empty and is_train,
+            config_prefix=prefix,
+        )
+    raise ValueError(f"{prefix}.format must be 'coco' or 'voc', got {spec.format!r}")
+
+
+def build_evaluators(cfg: Config, dataset: Dataset) -> dict[str, Evaluator]:
+    """Fresh evaluators (they accumulate) for ``test.evaluators``: 'coco' gives the ``bbox``
+    entry, 'voc' / 'voc07' the ``voc`` entry (one evaluator reports both VOC metrics)."""
+    class_names = list(dataset.class_names)
+    evaluators: dict[str, Evaluator] = {}
+    if "coco" in cfg.test.evaluators:
+        if isinstance(dataset, COCODataset):
+            evaluators["bbox"] = COCOEvaluator(
+                dataset.coco_gt(), dataset.label_to_category_id, class_names
+            )
+        else:
+            gt = coco_from_records(dataset.records(), class_names)
+            labels = range(1, len(class_names) + 1)
+            evaluators["bbox"] = COCOEvaluator(gt, {i: i for i in labels}, class_names)
+    if {"voc", "voc07"} & set(cfg.test.evaluators):
+        evaluators["voc"] = VOCEvaluator(class_names, dataset.records())
+    return evaluators
+
+
+def num_processes_batch(cfg: Config, world_size: int) -> int:
+    """Images per process: ``solver.ims_per_batch`` is the total over all processes."""
+    total = cfg.solver.ims_per_batch
+    if total % world_size:
+        raise ValueError(
+            f"solver.ims_per_batch={total} must be divisible by the number of processes "
+            f"({world_size}); scale base_lr with it (linear scaling rule)"
+        )
+    return total // world_size
+
+
+# --------------------------------------------------------------------------------- engine
+
+
+def build_trainer(cfg: Config, model: nn.Module, device: torch.device, output_dir: Path) -> Trainer:
+    """Optimizer, schedule, loaders and evaluation callbacks around an already placed model
+    (wrapped in DDP by the caller when several processes run)."""
+    rank, world_size = get_rank(), get_world_size()
+    train_set = build_dataset(cfg, "train")
+    per_process = num_processes_batch(cfg, world_size)
+    solver = cfg.solver
+    optimizer = build_optimizer(
+        model,
+        solver.optimizer,
+        solver.base_lr,
+        solver.momentum,
+        solver.weight_decay,
+        solver.bias_lr_factor,
+        solver.weight_decay_bias,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        solver.lr_schedule,
+        solver.max_iter,
+        solver.steps,
+        solver.gamma,
+        solver.warmup_iters,
+        solver.warmup_factor,
+    )
+
+    def train_loader(start_iter: int) -> DataLoader:
+        return build_train_loader(
+            train_set,
+            per_process,
+            cfg.seed,
+            rank,
+            world_size,
+            cfg.data.num_workers,
+            start_iter,
+            cfg.data.aspect_ratio_grouping,
+        )
+
+    return Trainer(
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        device=device,
+        output_dir=output_dir,
+        max_iter=solver.max_iter,
+        amp=solver.amp,
+        clip_grad_norm=solver.clip_grad_norm,
+        checkpoint_period=solver.checkpoint_period,
+        eval_period=cfg.test.eval_period,
+        evaluate_fn=make_evaluate_fn(cfg, device),
+        visualize_fn=make_visualize_fn(cfg, device),
+        log_period=cfg.log_period,
+        max_bad_steps=solver.max_bad_steps,
+        config=config_to_dict(cfg),
+    )
+
+
+def make_evaluate_fn(cfg: Config, device: torch.device) -> Callable[[nn.Module], dict]:
+    """Evaluate on the test set (every rank predicts its shard), print per-class tables."""
+    test_set = build_dataset(cfg, "test")
+    loader = build_test_loader(
+        test_set, cfg.test.ims_per_batch, get_rank(), get_world_size(), cfg.data.num_workers
+    )
+
+    def evaluate(model: nn.Module) -> dict:
+        evaluators = build_evaluators(cfg, test_set)
+        results = inference_on_dataset(model, loader, evaluators, device, cfg.solver.amp)
+        if is_main_process():
+            for name, metrics in results.items():
+                for key in ("per_class", "per_class_07"):
+                    if key in metrics:
+                        logger.info("\n%s", format_per_class_table(metrics[key], f"{name} {key}"))
+        return results
+
+    return evaluate
+
+
+def make_visualize_fn(cfg: Config, device: torch.device) -> Callable[[nn.Module], Tensor | None]:
+    """Ground truth beside detections for the first test images, for TensorBoard."""
+    test_set = build_dataset(cfg, "test")
+
+    def visualize(model: nn.Module) -> Tensor | None:
+        items = [test_set[i] for i in range(min(4, len(test_set)))]
+        if not items:
+            return None
+        module = unwrap_model(model)
+        was_training = module.training
+        module.eval()
+        with torch.inference_mode():
+            detections = module([image.to(device) for image, _, _ in items])
+        module.train(was_training)
+        return draw_detection_panels(
+            [image for image, _, _ in items],
+            [target for _, target, _ in items],
+            [det.to("cpu") for det in detections],
+            list(test_set.class_names),
+        )
+
+    return visualize
+
+
+def category_mapping(cfg: Config) -> tuple[list[str], dict[int, int]]:
+    """Class names and label -> dataset category id of the test set, for writing results; empty
+    when the test annotations are not on this machine (labels are then written as they are)."""
+    try:
+        dataset = build_dataset(cfg, "test")
+    except FileNotFoundError:
+        return [], {}
+    return list(dataset.class_names), dict(getattr(dataset, "label_to_category_id", {}))
