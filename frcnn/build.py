@@ -6,8 +6,10 @@ them. Implementations are chosen with plain dicts, no registries.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,12 +19,23 @@ from torch.utils.data import DataLoader, Dataset
 from frcnn.config import config_to_dict
 from frcnn.config.schema import Config, ModelConfig
 from frcnn.datasets import (
+    VOC_CLASSES,
     COCODataset,
     VOCDataset,
     build_test_loader,
     build_train_loader,
     build_transforms,
     ensure_shapes,
+)
+from frcnn.datasets.check import (
+    CheckResult,
+    DatasetCheckError,
+    Fixes,
+    check_coco,
+    check_voc,
+    clean_coco,
+    clean_voc,
+    log_report,
 )
 from frcnn.engine import (
     Trainer,
@@ -179,8 +192,9 @@ def prepare_data(cfg: Config) -> None:
         ensure_shapes(shapes.root, shapes.num_train, shapes.num_val, shapes.image_size, shapes.seed)
 
 
-def build_dataset(cfg: Config, split: str) -> Dataset:
-    """The ``train`` or ``test`` dataset of the config with its transforms."""
+def build_dataset(cfg: Config, split: str, fixes: Fixes | None = None) -> Dataset:
+    """The ``train`` or ``test`` dataset of the config with its transforms; with ``fixes`` (from
+    `check_data`), without what lenient mode drops and with partly outside boxes clipped."""
     spec = cfg.data.train if split == "train" else cfg.data.test
     is_train = split == "train"
     data = cfg.data
@@ -199,8 +213,13 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
             filter_empty=data.filter_empty and is_train,
             category_ids_as_labels=data.category_ids_as_labels,
             config_prefix=prefix,
+            prepare=None if fixes is None else partial(clean_coco, fixes=fixes),
         )
     if spec.format == "voc":
+        names = spec.class_names or VOC_CLASSES
+        parsed = None
+        if fixes is not None:
+            parsed = clean_voc(spec.images, spec.annotations, names, fixes, config_prefix=prefix)
         return VOCDataset(
             spec.images,
             spec.annotations,
@@ -209,8 +228,38 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
             transforms=transforms,
             filter_empty=data.filter_empty and is_train,
             config_prefix=prefix,
+            parsed=parsed,
         )
     raise ValueError(f"{prefix}.format must be 'coco' or 'voc', got {spec.format!r}")
+
+
+def check_data(cfg: Config, split: str) -> CheckResult:
+    """Run the dataset checker on ``data.<split>``: every annotation and image header."""
+    spec = cfg.data.train if split == "train" else cfg.data.test
+    prefix = f"data.{split}"
+    name = f"{prefix} ({spec.format}: {spec.annotations})"
+    if spec.format == "voc":
+        names = spec.class_names or VOC_CLASSES
+        return check_voc(spec.images, spec.annotations, names, name=name, config_prefix=prefix)
+    return check_coco(spec.images, spec.annotations, name=name, config_prefix=prefix)
+
+
+def check_training_data(cfg: Config, report_file: Path | None = None) -> Fixes | None:
+    """The check made when training starts, per ``data.check``: None when off; strict raises
+    DatasetCheckError naming the first problem; lenient logs what it drops or clips and returns
+    the fixes for `build_dataset` (raising when nothing usable is left). ``report_file`` gets
+    every problem found, as JSON."""
+    if cfg.data.check == "off":
+        return None
+    result = check_data(cfg, "train")
+    log_report(result.report, cfg.data.check)
+    if report_file is not None:
+        report_file.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
+    if cfg.data.check == "strict" and result.report.first_error is not None:
+        raise DatasetCheckError(result.report.strict_message())
+    if not result.report.usable:
+        raise DatasetCheckError(f"{result.report.name}: {result.report.lenient_summary()}")
+    return result.fixes
 
 
 def build_evaluators(cfg: Config, dataset: Dataset) -> dict[str, Evaluator]:
@@ -246,11 +295,18 @@ def num_processes_batch(cfg: Config, world_size: int) -> int:
 # --------------------------------------------------------------------------------- engine
 
 
-def build_trainer(cfg: Config, model: nn.Module, device: torch.device, output_dir: Path) -> Trainer:
+def build_trainer(
+    cfg: Config,
+    model: nn.Module,
+    device: torch.device,
+    output_dir: Path,
+    train_fixes: Fixes | None = None,
+) -> Trainer:
     """Optimizer, schedule, loaders and evaluation callbacks around an already placed model
-    (wrapped in DDP by the caller when several processes run)."""
+    (wrapped in DDP by the caller when several processes run); ``train_fixes`` from
+    `check_training_data` apply the lenient fixes to the training set."""
     rank, world_size = get_rank(), get_world_size()
-    train_set = build_dataset(cfg, "train")
+    train_set = build_dataset(cfg, "train", train_fixes)
     per_process = num_processes_batch(cfg, world_size)
     solver = cfg.solver
     optimizer = build_optimizer(

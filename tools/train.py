@@ -12,16 +12,25 @@ import logging
 import sys
 from pathlib import Path
 
-from frcnn.build import build_model, build_trainer, prepare_data
+from frcnn.build import build_model, build_trainer, check_training_data, prepare_data
 from frcnn.config import ConfigError, dump_config, load_config, with_overrides
-from frcnn.engine import init_distributed, load_checkpoint, load_model_weights, wrap_ddp
+from frcnn.datasets.check import DatasetCheckError
+from frcnn.engine import (
+    CheckpointError,
+    init_distributed,
+    load_checkpoint,
+    load_model_weights,
+    wrap_ddp,
+)
 from frcnn.engine.distributed import (
+    broadcast_object,
     destroy,
     get_rank,
     get_world_size,
     is_main_process,
     wait_for_main_process,
 )
+from frcnn.engine.logger import setup_logging
 from frcnn.engine.seed import seed_all, set_deterministic
 
 logger = logging.getLogger("frcnn.train")
@@ -51,18 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     seed_all(cfg.seed, get_rank())
     set_deterministic(cfg.deterministic)
     output_dir = Path(cfg.output_dir)
+    train_fixes = None
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "config.yaml")
         prepare_data(cfg)
+        setup_logging(output_dir)  # the dataset check's report goes to log.txt too
+        train_fixes = check_training_data(cfg, output_dir / "dataset_check_train.json")
     wait_for_main_process()
+    # every rank builds the training set with the image verdicts rank 0 found
+    train_fixes = broadcast_object(train_fixes)
 
     model = build_model(cfg.model).to(device)
     if cfg.model.weights:
         load_model_weights(model, _model_state(cfg.model.weights), True, cfg.model.weights)
     if get_world_size() > 1:
         model = wrap_ddp(model, device)
-    trainer = build_trainer(cfg, model, device, output_dir)
+    trainer = build_trainer(cfg, model, device, output_dir, train_fixes)
     trainer.resume_or_load(args.resume)
     outcome = trainer.train()
     if not outcome.completed:
@@ -84,7 +98,7 @@ def _model_state(path: str) -> dict:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, DatasetCheckError, CheckpointError) as error:
         # a clear message, not a traceback from deep inside, for mistakes in the inputs
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,9 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,18 @@ def _check_annotations(data: dict[str, Any], path: Path) -> None:
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
 
 
-def load_coco(annotation_file: str | os.PathLike, hint: str = "data.test.annotations") -> COCO:
-    """A pycocotools COCO object for ``annotation_file``, with clear errors on bad files."""
+def load_coco(
+    annotation_file: str | os.PathLike,
+    hint: str = "data.test.annotations",
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> COCO:
+    """A pycocotools COCO object for ``annotation_file``, with clear errors on bad files.
+    ``prepare`` edits the parsed json first (the dataset checker's lenient fixes)."""
     path = Path(annotation_file)
     require_path(path, "file", "COCO annotation file", hint)
     data = _load_json(path, hint)
+    if prepare is not None:
+        data = prepare(data)
     _check_annotations(data, path)
     coco = COCO()
     coco.dataset = data
@@ -98,6 +107,7 @@ class COCODataset(Dataset):
     annotations are kept with ``iscrowd`` set; boxes with zero width or height are dropped with a
     warning. ``filter_empty`` drops images without a usable non-crowd box (for training).
     ``category_ids_as_labels`` uses the raw category ids as labels (torchvision's layout).
+    ``prepare`` edits the parsed json first (``frcnn.datasets.check.clean_coco``: lenient fixes).
     """
 
     def __init__(
@@ -109,11 +119,13 @@ class COCODataset(Dataset):
         category_ids_as_labels: bool = False,
         *,
         config_prefix: str | None = None,
+        prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
-        self.coco = load_coco(self.annotation_file, config_hint(config_prefix, "annotations"))
+        hint = config_hint(config_prefix, "annotations")
+        self.coco = load_coco(self.annotation_file, hint, prepare)
         require_path(
             self.images_dir, "dir", "COCO image folder", config_hint(config_prefix, "images")
         )
@@ -163,11 +175,13 @@ class COCODataset(Dataset):
             boxes, labels, crowd = [], [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
                 x, y, w, h = (float(v) for v in ann["bbox"])
-                if not (w > 0 and h > 0):
+                # a NaN or infinite coordinate passes a w > 0 test and would poison the losses
+                if not (w > 0 and h > 0 and all(map(math.isfinite, (x, y, w, h)))):
                     dropped += 1
                     if dropped <= _MAX_LISTED_WARNINGS:
                         logger.warning(
-                            "%s: dropping annotation id %s of image %s: degenerate bbox %s",
+                            "%s: dropping annotation id %s of image %s: degenerate or "
+                            "non-finite bbox %s",
                             self.annotation_file,
                             ann["id"],
                             self.coco.imgs[image_id].get("file_name", image_id),

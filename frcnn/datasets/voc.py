@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,8 @@ class VOCDataset(Dataset):
 
     Difficult objects are left out of the targets unless ``keep_difficult``; ``records()`` keeps
     them, flagged, for the evaluator. ``filter_empty`` drops images left without objects.
+    ``parsed`` (image-set position -> annotation) replaces reading the XML files, e.g. with
+    ``frcnn.datasets.check.clean_voc`` (the dataset checker's lenient fixes).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class VOCDataset(Dataset):
         filter_empty: bool = False,
         *,
         config_prefix: str | None = None,
+        parsed: Mapping[int, VOCAnnotation] | None = None,
     ) -> None:
         self.root = Path(root)
         self.image_set = image_set
@@ -159,11 +162,15 @@ class VOCDataset(Dataset):
         stems = read_image_set(self.root, image_set, config_hint(config_prefix, "annotations"))
         class_to_label = {name: i + 1 for i, name in enumerate(self.class_names)}
         names_hint = config_hint(config_prefix, "class_names")
-        annotations = [
-            parse_voc_xml(self.root / "Annotations" / f"{stem}.xml", class_to_label, names_hint)
-            for stem in stems
-        ]
-        indices = list(range(len(stems)))
+        if parsed is None:
+            parsed = {
+                i: parse_voc_xml(
+                    self.root / "Annotations" / f"{stem}.xml", class_to_label, names_hint
+                )
+                for i, stem in enumerate(stems)
+            }
+        annotations = dict(parsed)
+        indices = sorted(annotations)
         if filter_empty:
             indices = [i for i in indices if self._kept(annotations[i]).any()]
         self.image_ids: list[int] = indices
