@@ -20,7 +20,7 @@ from torchvision.utils import draw_bounding_boxes
 from frcnn.build import build_model, category_mapping
 from frcnn.config import ConfigError, load_config
 from frcnn.datasets import read_image, resized_size
-from frcnn.engine import load_checkpoint, load_model_weights
+from frcnn.engine import CheckpointError, load_checkpoint, load_model_weights
 from frcnn.engine.distributed import resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -93,4 +93,8 @@ def _name(class_names: list[str], label: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

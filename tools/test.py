@@ -14,7 +14,7 @@ from pathlib import Path
 
 from frcnn.build import build_model, make_evaluate_fn, prepare_data
 from frcnn.config import ConfigError, load_config
-from frcnn.engine import init_distributed, load_checkpoint, load_model_weights
+from frcnn.engine import CheckpointError, init_distributed, load_checkpoint, load_model_weights
 from frcnn.engine.distributed import destroy, is_main_process, wait_for_main_process
 from frcnn.engine.logger import setup_logging
 
@@ -57,4 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

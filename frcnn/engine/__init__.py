@@ -1,6 +1,11 @@
 """Training and inference machinery: loop, optimizer and schedule, checkpoints, processes."""
 
-from frcnn.engine.checkpoint import Checkpointer, load_checkpoint, load_model_weights
+from frcnn.engine.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+)
 from frcnn.engine.distributed import init_distributed, unwrap_model, wrap_ddp
 from frcnn.engine.inference import inference_on_dataset
 from frcnn.engine.optim import build_lr_scheduler, build_optimizer
@@ -9,6 +14,7 @@ from frcnn.engine.trainer import Trainer, TrainOutcome
 from frcnn.engine.visualize import draw_detection_panels
 
 __all__ = [
+    "CheckpointError",
     "Checkpointer",
     "TrainOutcome",
     "Trainer",

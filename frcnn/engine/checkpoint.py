@@ -156,6 +156,11 @@ class Checkpointer:
         return load_checkpoint(path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unsafe, truncated, or made for another model. The
+    message names the file and the fix; the tools print it without a traceback."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint on the CPU with ``weights_only=True`` (never arbitrary unpickling)."""
     try:
@@ -163,15 +168,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as error:
-        raise RuntimeError(
-            f"cannot load checkpoint {path} safely: {type(error).__name__}: {error}\n"
-            "frcnn loads checkpoints with torch.load(weights_only=True), which refuses files "
-            "holding arbitrary Python objects (they could run code when unpickled) and fails "
-            "on truncated files. Use a checkpoint written by frcnn, or a plain state_dict."
+        raise CheckpointError(
+            f"refusing checkpoint {path}: {_unpickler_reason(error)}. frcnn reads checkpoints "
+            "with torch.load(weights_only=True): files holding arbitrary Python objects (which "
+            "could run code when unpickled) and truncated files are refused. Use a checkpoint "
+            "written by frcnn or tools/convert_weights.py, or a plain state_dict of tensors."
         ) from error
     if not isinstance(state, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """What torch refused (e.g. "unsupported GLOBAL posix.mkdir"), without its advice to load the
+    file with weights_only=False."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line and "weights_only" not in line and "Check the documentation" not in line:
+            return line.rstrip(".")
+    return type(error).__name__
 
 
 def model_state_from_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Tensor]:
@@ -232,7 +247,7 @@ def load_model_weights(
     for name in reinit:
         del shapes[name]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} does not match the model:\n{_mismatch_report(missing, unexpected, shapes)}"
             "\nCheck that model.backbone.name, the heads and model.num_classes are those of the "
             "run that wrote it (tools/convert_weights.py converts torchvision weights)."

@@ -114,6 +114,15 @@ class StopRequest:
         self._previous.clear()
 
 
+def _running_stats(model: nn.Module) -> list[Tensor]:
+    """The buffers a training forward updates: batch-norm running statistics and counters."""
+    stats = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            stats += [module.running_mean, module.running_var, module.num_batches_tracked]
+    return [buffer for buffer in stats if buffer is not None]
+
+
 def _json_float(value: float) -> float | str:
     # Strict JSON has no NaN / Infinity.
     return value if math.isfinite(value) else str(value)
@@ -202,6 +211,7 @@ class Trainer:
         self._pending_rng: dict[str, Any] | None = None
         self._bad_streak = 0
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._norm_stats = _running_stats(model)
         # The lr worth logging is that of the group holding most parameters.
         sizes = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
         self._lr_group = sizes.index(max(sizes))
@@ -285,6 +295,9 @@ class Trainer:
 
     def run_step(self, batch: Any, stop_requested: bool) -> _Step:
         batch = batch.to(self.device)
+        # A skipped step must not leave its trace in batch-norm statistics either: keep a
+        # device-side copy to put back (a few KB, no host synchronisation).
+        saved_stats = [buffer.clone() for buffer in self._norm_stats]
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp):
             loss_dict = self.model(batch.images, batch.targets)
@@ -303,6 +316,8 @@ class Trainer:
         local_loss_bad, _, _, agreed_bad, agreed_stop = flags
         if agreed_bad:
             self.optimizer.zero_grad(set_to_none=True)
+            for buffer, saved in zip(self._norm_stats, saved_stats):
+                buffer.copy_(saved)
             if self.scaler.is_enabled() and self.clip_grad_norm > 0:
                 self.scaler.update()  # unscale_ ran; update() closes the scaler's step
         else:

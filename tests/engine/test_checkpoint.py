@@ -12,6 +12,7 @@ from engine_fakes import FakeDetector
 from frcnn.engine import checkpoint as checkpoint_module
 from frcnn.engine.checkpoint import (
     Checkpointer,
+    CheckpointError,
     check_plain_state,
     is_complete,
     load_checkpoint,
@@ -69,7 +70,7 @@ def test_truncated_or_missing_newest_falls_back(tmp_path: Path) -> None:
     second.unlink()
     ckpt.save("model_0000003", _state(3)).unlink()  # pointer names a missing file
     assert ckpt.last() == first
-    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match="refusing checkpoint"):
         second.write_bytes(data[: len(data) // 2])
         load_checkpoint(second)
 
@@ -88,7 +89,7 @@ def test_weights_only_refuses_code(tmp_path: Path) -> None:
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload(marker)}, path)
-    with pytest.raises(RuntimeError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="weights_only=True"):
         load_checkpoint(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: full unpickling runs it
