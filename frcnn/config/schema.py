@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-
-
 @dataclass(frozen=True)
 class BackboneConfig:
     # small | vgg16 | resnet50_c4 | resnet101_c4 | resnet18_fpn | resnet34_fpn | resnet50_fpn
