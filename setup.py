@@ -7,8 +7,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["frcnn", "frcnn.*"]),
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.6",
+        "torchvision>=0.21",
         "pycocotools>=2.0.6",
         "pyyaml>=6.0",
         "tensorboard>=2.12",

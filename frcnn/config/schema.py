@@ -161,7 +161,6 @@ class SolverConfig:
     amp: str = "off"  # off | fp16 | bf16
     checkpoint_period: int = 5000
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
-    compile: bool = False
 
 
 @dataclass(frozen=True)
