@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from frcnn.config import config_to_dict
+from frcnn.config import ConfigError, config_to_dict
 from frcnn.config.schema import Config, ModelConfig
 from frcnn.datasets import (
     VOC_CLASSES,
@@ -281,6 +281,18 @@ def build_evaluators(cfg: Config, dataset: Dataset) -> dict[str, Evaluator]:
     return evaluators
 
 
+def check_num_classes(cfg: Config, dataset: Dataset, split: str) -> None:
+    """The model's class count must be the dataset's: a label past it would index outside the
+    classifier (a crash on CPU, a device-side assert on CUDA)."""
+    if dataset.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but data.{split} has "
+            f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:8])}"
+            f"{', ...' if dataset.num_classes > 8 else ''}); set model.num_classes="
+            f"{dataset.num_classes}"
+        )
+
+
 def num_processes_batch(cfg: Config, world_size: int) -> int:
     """Images per process: ``solver.ims_per_batch`` is the total over all processes."""
     total = cfg.solver.ims_per_batch
@@ -307,6 +319,8 @@ def build_trainer(
     `check_training_data` apply the lenient fixes to the training set."""
     rank, world_size = get_rank(), get_world_size()
     train_set = build_dataset(cfg, "train", train_fixes)
+    check_num_classes(cfg, train_set, "train")
+    test_set = build_dataset(cfg, "test")  # one copy for evaluation and the image panels
     per_process = num_processes_batch(cfg, world_size)
     solver = cfg.solver
     optimizer = build_optimizer(
@@ -352,17 +366,21 @@ def build_trainer(
         clip_grad_norm=solver.clip_grad_norm,
         checkpoint_period=solver.checkpoint_period,
         eval_period=cfg.test.eval_period,
-        evaluate_fn=make_evaluate_fn(cfg, device),
-        visualize_fn=make_visualize_fn(cfg, device),
+        evaluate_fn=make_evaluate_fn(cfg, device, test_set),
+        visualize_fn=make_visualize_fn(cfg, device, test_set),
         log_period=cfg.log_period,
         max_bad_steps=solver.max_bad_steps,
         config=config_to_dict(cfg),
     )
 
 
-def make_evaluate_fn(cfg: Config, device: torch.device) -> Callable[[nn.Module], dict]:
+def make_evaluate_fn(
+    cfg: Config, device: torch.device, test_set: Dataset | None = None
+) -> Callable[[nn.Module], dict]:
     """Evaluate on the test set (every rank predicts its shard), print per-class tables."""
-    test_set = build_dataset(cfg, "test")
+    if test_set is None:
+        test_set = build_dataset(cfg, "test")
+    check_num_classes(cfg, test_set, "test")
     loader = build_test_loader(
         test_set, cfg.test.ims_per_batch, get_rank(), get_world_size(), cfg.data.num_workers
     )
@@ -380,9 +398,12 @@ def make_evaluate_fn(cfg: Config, device: torch.device) -> Callable[[nn.Module],
     return evaluate
 
 
-def make_visualize_fn(cfg: Config, device: torch.device) -> Callable[[nn.Module], Tensor | None]:
+def make_visualize_fn(
+    cfg: Config, device: torch.device, test_set: Dataset | None = None
+) -> Callable[[nn.Module], Tensor | None]:
     """Ground truth beside detections for the first test images, for TensorBoard."""
-    test_set = build_dataset(cfg, "test")
+    if test_set is None:
+        test_set = build_dataset(cfg, "test")
 
     def visualize(model: nn.Module) -> Tensor | None:
         items = [test_set[i] for i in range(min(4, len(test_set)))]

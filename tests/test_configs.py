@@ -31,3 +31,8 @@ def test_misspelled_key_names_the_closest_valid_key(tmp_path: Path) -> None:
     config.write_text(f"_base_: {CONFIGS[0]}\nsolver:\n  base_lrr: 0.01\n")
     with pytest.raises(ConfigError, match="did you mean 'solver.base_lr'"):
         load_config(config)
+
+
+def test_size_divisibility_must_be_a_multiple_of_32() -> None:
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        with_overrides(load_config(CONFIGS[0]), ["model.size_divisibility=16"])

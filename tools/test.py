@@ -15,7 +15,12 @@ from pathlib import Path
 from frcnn.build import build_model, make_evaluate_fn, prepare_data
 from frcnn.config import ConfigError, load_config
 from frcnn.engine import CheckpointError, init_distributed, load_checkpoint, load_model_weights
-from frcnn.engine.distributed import destroy, is_main_process, wait_for_main_process
+from frcnn.engine.distributed import (
+    destroy,
+    get_rank,
+    is_main_process,
+    wait_for_main_process,
+)
 from frcnn.engine.logger import setup_logging
 
 
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         prepare_data(cfg)
-    setup_logging(output_dir, 0 if is_main_process() else 1)
+    setup_logging(output_dir, get_rank())
     wait_for_main_process()
     model = build_model(cfg.model).to(device)
     checkpoint = load_checkpoint(args.weights)

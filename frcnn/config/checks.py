@@ -133,7 +133,15 @@ def _check_model(model: ModelConfig, out: list[Problem]) -> None:
             out.append((f"model.{name}", f"needs 3 values (R, G, B), got {values!r}"))
     if not all(std > 0 for std in model.pixel_std):
         out.append(("model.pixel_std", f"every value must be > 0, got {model.pixel_std!r}"))
-    _at_least(out, "model.size_divisibility", model.size_divisibility, 0)
+    if model.size_divisibility < 32 or model.size_divisibility % 32:
+        # anchors take a level's stride as padded size // map size: exact only when the padded
+        # size is a multiple of every backbone stride up to 32
+        out.append(
+            (
+                "model.size_divisibility",
+                f"must be a positive multiple of 32, got {model.size_divisibility!r}",
+            )
+        )
     backbone = model.backbone
     _choice(out, "model.backbone.name", backbone.name, BACKBONE_NAMES)
     _choice(out, "model.backbone.norm", backbone.norm, NORMS)

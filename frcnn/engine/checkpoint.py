@@ -181,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _unpickler_reason(error: Exception) -> str:
     """What torch refused (e.g. "unsupported GLOBAL posix.mkdir"), without its advice to load the
-    file with weights_only=False."""
+    file unsafely."""
     for line in str(error).splitlines():
         line = line.strip()
         if line and "weights_only" not in line and "Check the documentation" not in line:

@@ -106,6 +106,8 @@ class COCOEvaluator(Evaluator):
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
             categories = category_of_label[labels].tolist()
             for box, score, category_id in zip(xywh.tolist(), scores.tolist(), categories):
+                if category_id == 0:
+                    continue  # a label with no category (a gap in the ids) can match nothing
                 results.append(
                     {"image_id": image_id, "category_id": category_id, "bbox": box, "score": score}
                 )
@@ -142,8 +144,9 @@ class COCOEvaluator(Evaluator):
         precision = coco_eval.eval["precision"]
         category_index = {category_id: k for k, category_id in enumerate(coco_eval.params.catIds)}
         per_class = {}
-        for label, name in enumerate(self.class_names, start=1):
-            values = precision[:, :, category_index[self.label_to_category_id[label]], 0, -1]
+        for label, category_id in sorted(self.label_to_category_id.items()):
+            name = self.class_names[label - 1]
+            values = precision[:, :, category_index[category_id], 0, -1]
             defined = values[values > -1]
             per_class[name] = float(defined.mean()) * 100 if defined.size else math.nan
         return per_class
@@ -167,14 +170,18 @@ def _empty_results(coco_gt: COCO) -> COCO:
 def _check_mapping(
     coco_gt: COCO, label_to_category_id: Mapping[int, int], class_names: Sequence[str]
 ) -> None:
+    """Labels 1..K with K = len(class_names); the mapped labels may leave gaps (torchvision's
+    91-label layout keeps COCO's unused ids as labels without a category)."""
     num_classes = len(class_names)
-    if len(set(class_names)) != num_classes:
-        raise ValueError(f"class_names {list(class_names)} repeat a name; names must be unique")
-    if set(label_to_category_id) != set(range(1, num_classes + 1)):
+    labels = set(label_to_category_id)
+    if not labels or not labels <= set(range(1, num_classes + 1)):
         raise ValueError(
-            f"label_to_category_id has labels {sorted(label_to_category_id)}; it must map every "
-            f"label 1..{num_classes} (one per class name) to a category id"
+            f"label_to_category_id has labels {sorted(labels)}; they must be labels in "
+            f"1..{num_classes} (one per class name)"
         )
+    mapped_names = [class_names[label - 1] for label in sorted(labels)]
+    if len(set(mapped_names)) != len(mapped_names):
+        raise ValueError(f"class_names {mapped_names} repeat a name; names must be unique")
     category_ids = list(label_to_category_id.values())
     unknown = sorted(set(category_ids) - set(coco_gt.getCatIds()))
     if unknown or len(set(category_ids)) != len(category_ids):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +17,19 @@ class ImageList:
 
     tensor: Tensor
     image_sizes: list[tuple[int, int]]
-
-    def to(self, device: torch.device | str) -> ImageList:
-        return ImageList(self.tensor.to(device, non_blocking=True), self.image_sizes)
+    _sizes: Optional[Tensor] = None  # noqa: UP045
 
     def sizes_tensor(self) -> Tensor:
-        """(N, 2) int64 tensor of (height, width) on the batch's device."""
-        return torch.tensor(self.image_sizes, dtype=torch.int64).to(self.tensor.device)
+        """(N, 2) int64 tensor of (height, width) on the batch's device, made once per batch.
+
+        The copy goes through pinned memory without blocking, so the host does not wait for the
+        work already queued on a GPU."""
+        if self._sizes is None:
+            sizes = torch.tensor(self.image_sizes, dtype=torch.int64)
+            if self.tensor.device.type == "cuda":
+                sizes = sizes.pin_memory()
+            self._sizes = sizes.to(self.tensor.device, non_blocking=True)
+        return self._sizes
 
 
 def batch_images(

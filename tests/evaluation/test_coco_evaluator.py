@@ -202,7 +202,7 @@ def test_bad_inputs_raise_clear_errors(coco_gt, coco_classes):
     with pytest.raises(ValueError, match="category ids"):
         COCOEvaluator(coco_gt, {1: 1, 2: 5, 3: 91}, list(class_names))
     with pytest.raises(ValueError, match="1..3"):
-        COCOEvaluator(coco_gt, {1: 1, 2: 5}, list(class_names))
+        COCOEvaluator(coco_gt, {1: 1, 2: 5, 4: 90}, list(class_names))
     evaluator = COCOEvaluator(coco_gt, mapping, list(class_names))
     one = Detections(torch.tensor([[0.0, 0, 5, 5]]), torch.tensor([0.5]), torch.tensor([4]))
     with pytest.raises(ValueError, match="outside 1..3"):
@@ -216,3 +216,54 @@ def test_bad_inputs_raise_clear_errors(coco_gt, coco_classes):
             [{"image_id": 5, "height": 9, "width": 9, "boxes": [[0, 0, 1, 1]], "labels": [3]}],
             ["a", "b"],
         )
+
+
+def test_labels_with_gaps_as_in_torchvision_layout(coco_gt):
+    """Labels equal to the category ids (1, 5, 90 of 90 labels, the rest unused), as
+    data.category_ids_as_labels gives for torchvision's 91-logit models; a detection with an
+    unused label counts for nothing, and the numbers equal those of the contiguous layout."""
+    names = ["N/A"] * 90
+    for category in coco_gt.loadCats(coco_gt.getCatIds()):
+        names[category["id"] - 1] = category["name"]
+    identity = {cid: cid for cid in coco_gt.getCatIds()}
+    gapped = COCOEvaluator(coco_gt, identity, names)
+    contiguous_names = [names[cid - 1] for cid in sorted(identity)]
+    contiguous = COCOEvaluator(
+        coco_gt, {i + 1: cid for i, cid in enumerate(sorted(identity))}, contiguous_names
+    )
+    to_contiguous = {cid: i + 1 for i, cid in enumerate(sorted(identity))}
+    for image_id in coco_gt.getImgIds():
+        anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id], iscrowd=False))
+        boxes = torch.tensor(
+            [
+                [
+                    a["bbox"][0],
+                    a["bbox"][1],
+                    a["bbox"][0] + a["bbox"][2],
+                    a["bbox"][1] + a["bbox"][3],
+                ]
+                for a in anns
+            ]
+        ).reshape(-1, 4)
+        labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        scores = torch.linspace(0.9, 0.5, len(anns))
+        unused = Detections(
+            torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([0.99]), torch.tensor([2])
+        )  # label 2: no category 2 in the ground truth
+        gapped.update(
+            [image_id],
+            [
+                Detections(
+                    torch.cat([boxes, unused.boxes]),
+                    torch.cat([scores, unused.scores]),
+                    torch.cat([labels, unused.labels]),
+                )
+            ],
+        )
+        contiguous.update(
+            [image_id], [Detections(boxes, scores, labels.apply_(lambda c: to_contiguous[c]))]
+        )
+    ours, reference = gapped.evaluate(), contiguous.evaluate()
+    for key in ("AP", "AP50", "AP75"):
+        assert ours[key] == pytest.approx(reference[key], abs=1e-9)
+    assert set(ours["per_class"]) == set(contiguous_names)

@@ -137,3 +137,11 @@ def test_bad_config_fails_with_a_message_not_a_traceback(tmp_path: Path) -> None
     assert "did you mean 'solver.base_lr'" in result.stderr
     assert "Traceback" not in result.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_class_count_must_match_the_dataset(tmp_path: Path, shapes_root: Path) -> None:
+    opts = [*tiny_overrides(shapes_root, tmp_path / "run"), "model.num_classes=5"]
+    result = run_tool(["tools/train.py", "--config", QUICKSTART, "--opts", *opts])
+    assert result.returncode == 2
+    assert "model.num_classes=5 but data.train has 4 classes" in result.stderr
+    assert "Traceback" not in result.stderr

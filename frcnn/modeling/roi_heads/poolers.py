@@ -45,7 +45,8 @@ class SingleLevelPooler(nn.Module):
         """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P)."""
         feature = features[self.feature_name]
         scale = 2.0 ** round(math.log2(feature.shape[-1] / padded_size[1]))
-        rois = _to_rois(boxes).to(feature.dtype)
+        # RoI corners stay float32 under autocast: bf16 would round them to whole pixels or worse
+        rois = _to_rois(boxes)
         if self.kind == "pool":
             return roi_pool(feature, rois, self.output_size, scale)
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
