@@ -15,6 +15,12 @@ import torch
 
 from frcnn.build import build_model
 from frcnn.config import ConfigError, load_config
+from frcnn.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+    model_state_from_checkpoint,
+)
 from frcnn.modeling.weight_import import convert_torchvision_state_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "torchvision"
@@ -28,30 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="frcnn checkpoint to write")
     args = parser.parse_args(argv)
     source = Path(args.input)
-    if not source.is_file():
-        print(f"error: --input {source} does not exist", file=sys.stderr)
-        return 2
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-        print(f"error: cannot read {source} as a tensor-only checkpoint: {error}", file=sys.stderr)
-        return 2
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
     try:
         cfg = load_config(CONFIGS / f"{args.arch}.yaml")
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    converted = convert_torchvision_state_dict(state, cfg.model.rpn.objectness)
-    model = build_model(cfg.model)
-    result = model.load_state_dict(converted, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+        state = model_state_from_checkpoint(load_checkpoint(source))
+        converted = convert_torchvision_state_dict(dict(state), cfg.model.rpn.objectness)
+        model = build_model(cfg.model)
+        load_model_weights(model, converted, allow_head_reinit=False, source=str(source))
+    except CheckpointError as error:
         print(
-            f"error: {source} is not a torchvision {args.arch} checkpoint: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}",
-            file=sys.stderr,
+            f"error: {source} is not a torchvision {args.arch} checkpoint: {error}", file=sys.stderr
         )
+        return 2
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

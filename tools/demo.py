@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 import torch
+from torchvision import tv_tensors
 from torchvision.io import write_jpeg
-from torchvision.utils import draw_bounding_boxes
 
 from frcnn.build import build_model, category_mapping
 from frcnn.config import ConfigError, load_config
-from frcnn.datasets import read_image, resized_size
-from frcnn.engine import CheckpointError, load_checkpoint, load_model_weights
+from frcnn.datasets import build_transforms, read_image
+from frcnn.engine import CheckpointError, load_weights_file
 from frcnn.engine.distributed import resolve_device
+from frcnn.engine.visualize import draw_boxes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -51,18 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = resolve_device(cfg.device)
     model = build_model(cfg.model).to(device).eval()
-    checkpoint = load_checkpoint(args.weights)
-    load_model_weights(model, checkpoint.get("model", checkpoint), False, args.weights)
+    load_weights_file(model, args.weights, allow_head_reinit=False)
     class_names, label_to_category = category_mapping(cfg)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    # the evaluation's own resize, so the demo sees what tools/test.py scores
+    resize = build_transforms(cfg.data.test_min_size, cfg.data.test_max_size, 0.0, is_train=False)
     results = []
     for path in images:
         image = read_image(path)
         height, width = image.shape[-2:]
-        size = resized_size(height, width, cfg.data.test_min_size, cfg.data.test_max_size)
-        resized = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear")
-        resized = resized[0].round().clamp(0, 255).to(torch.uint8)
+        resized = resize(tv_tensors.Image(image)).as_subclass(torch.Tensor)
         with torch.inference_mode():
             det = model([resized.to(device)], original_sizes=[(height, width)])[0]
         det = det.to("cpu")
@@ -77,19 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         keep = det.scores >= args.score_thresh
-        names = [
-            f"{_name(class_names, label)} {score:.2f}"
-            for label, score in zip(det.labels[keep].tolist(), det.scores[keep].tolist())
-        ]
-        drawn = draw_bounding_boxes(image, det.boxes[keep], names, colors="red", width=2)
+        drawn = draw_boxes(
+            image, det.boxes[keep], det.labels[keep], det.scores[keep], "red", class_names or None
+        )
         write_jpeg(drawn, str(output / f"{path.stem}.jpg"), quality=90)
     (output / "detections.json").write_text(json.dumps(results, indent=1))
     print(f"{len(images)} image(s), {len(results)} detection(s) written to {output}")
     return 0
-
-
-def _name(class_names: list[str], label: int) -> str:
-    return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
 
 
 if __name__ == "__main__":

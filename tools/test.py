@@ -14,7 +14,7 @@ from pathlib import Path
 
 from frcnn.build import build_model, make_evaluate_fn, prepare_data
 from frcnn.config import ConfigError, load_config
-from frcnn.engine import CheckpointError, init_distributed, load_checkpoint, load_model_weights
+from frcnn.engine import CheckpointError, init_distributed, load_weights_file
 from frcnn.engine.distributed import (
     destroy,
     get_rank,
@@ -36,9 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not Path(args.weights).is_file():
-        print(f"error: --weights {args.weights} does not exist", file=sys.stderr)
-        return 2
     device = init_distributed(cfg.device)
     output_dir = Path(args.output_dir or cfg.output_dir)
     if is_main_process():
@@ -47,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(output_dir, get_rank())
     wait_for_main_process()
     model = build_model(cfg.model).to(device)
-    checkpoint = load_checkpoint(args.weights)
-    load_model_weights(model, checkpoint.get("model", checkpoint), False, args.weights)
+    load_weights_file(model, args.weights, allow_head_reinit=False)
     results = make_evaluate_fn(cfg, device)(model)
     if is_main_process():
         summary = {

@@ -18,8 +18,7 @@ from frcnn.datasets.check import DatasetCheckError
 from frcnn.engine import (
     CheckpointError,
     init_distributed,
-    load_checkpoint,
-    load_model_weights,
+    load_weights_file,
     wrap_ddp,
 )
 from frcnn.engine.distributed import (
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(cfg.model).to(device)
     if cfg.model.weights:
-        load_model_weights(model, _model_state(cfg.model.weights), True, cfg.model.weights)
+        load_weights_file(model, cfg.model.weights, allow_head_reinit=True)
     if get_world_size() > 1:
         model = wrap_ddp(model, device)
     trainer = build_trainer(cfg, model, device, output_dir, train_fixes)
@@ -88,11 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if outcome.stop_signal == "SIGINT" else 143
     destroy()
     return 0
-
-
-def _model_state(path: str) -> dict:
-    checkpoint = load_checkpoint(path)
-    return checkpoint.get("model", checkpoint)
 
 
 if __name__ == "__main__":

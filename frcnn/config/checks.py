@@ -145,6 +145,8 @@ def _check_model(model: ModelConfig, out: list[Problem]) -> None:
     backbone = model.backbone
     _choice(out, "model.backbone.name", backbone.name, BACKBONE_NAMES)
     _choice(out, "model.backbone.norm", backbone.norm, NORMS)
+    if backbone.name == "small" and backbone.norm == "frozen_bn":
+        out.append(("model.backbone.norm", "the small backbone trains from scratch: use bn or gn"))
     most = 5 if backbone.name.startswith("resnet") else math.inf
     if not 0 <= backbone.trainable_layers <= most:
         allowed = "in 0..5" if most == 5 else ">= 0"

@@ -5,6 +5,7 @@ from frcnn.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model_weights,
+    load_weights_file,
 )
 from frcnn.engine.distributed import init_distributed, unwrap_model, wrap_ddp
 from frcnn.engine.inference import inference_on_dataset
@@ -25,6 +26,7 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "load_model_weights",
+    "load_weights_file",
     "seed_all",
     "set_deterministic",
     "unwrap_model",

@@ -189,6 +189,15 @@ def _unpickler_reason(error: Exception) -> str:
     return type(error).__name__
 
 
+def load_weights_file(
+    model: nn.Module, path: str | os.PathLike, allow_head_reinit: bool = True
+) -> list[str]:
+    """Load the model weights of an frcnn checkpoint or a bare state_dict file into ``model``
+    (safely, see load_checkpoint); returns the head parameters re-initialised, if allowed."""
+    state = model_state_from_checkpoint(load_checkpoint(path))
+    return load_model_weights(model, state, allow_head_reinit, str(path))
+
+
 def model_state_from_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Tensor]:
     """The model weights of an frcnn checkpoint (key ``model``) or of a bare state_dict."""
     model_state = checkpoint.get("model", checkpoint)

@@ -25,7 +25,6 @@ class FasterRCNN(nn.Module):
         pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
         pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
         size_divisibility: int = 32,
-        rpn_in_features: Sequence[str] | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -37,7 +36,6 @@ class FasterRCNN(nn.Module):
         )
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
-        self.rpn_in_features = list(rpn_in_features) if rpn_in_features else None
         self.channels_last = channels_last
 
     def forward(
@@ -52,8 +50,7 @@ class FasterRCNN(nn.Module):
             raise ValueError("FasterRCNN needs targets in training mode")
         image_list = self.preprocess(images)
         features = self.backbone(image_list.tensor)
-        rpn_features = [features[name] for name in self.rpn_in_features or features.keys()]
-        proposals, rpn_losses = self.rpn(image_list, rpn_features, targets)
+        proposals, rpn_losses = self.rpn(image_list, list(features.values()), targets)
         outputs = self.roi_heads(features, proposals, image_list, targets)
         if self.training:
             return {**rpn_losses, **outputs}

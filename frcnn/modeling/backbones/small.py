@@ -11,18 +11,22 @@ from frcnn.modeling.backbones.common import SingleFeatureBackbone, norm_layer
 
 
 def _conv(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Sequential:
-    norm_module = (
-        norm_layer(norm)(out_channels) if norm != "frozen_bn" else nn.BatchNorm2d(out_channels)
-    )
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        norm_module,
+        norm_layer(norm)(out_channels),
         nn.ReLU(inplace=True),
     )
 
 
 def small_backbone(channels: int = 128, norm: str = "bn") -> SingleFeatureBackbone:
-    """Widths grow to ``channels`` over three stride-2 stages: (N, 3, H, W) -> (N, C, H/8, W/8)."""
+    """Widths grow to ``channels`` over three stride-2 stages: (N, 3, H, W) -> (N, C, H/8, W/8).
+
+    It trains from scratch, so its norm layers must learn: ``norm`` is bn or gn."""
+    if norm == "frozen_bn":
+        raise ValueError(
+            "model.backbone.norm=frozen_bn freezes statistics that a from-scratch backbone "
+            "never learned; use bn or gn for the small backbone"
+        )
     half, quarter = channels // 2, channels // 4
     body = nn.Sequential(
         _conv(3, quarter, 2, norm),
