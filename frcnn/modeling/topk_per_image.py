@@ -1,12 +1,37 @@
-"""Keep the first k surviving boxes of every image after one NMS over the whole batch.
+"""One NMS over the whole batch, then the first k surviving boxes of every image.
 
-Shapes: N images, M boxes kept by NMS (all images together, in decreasing score), k slots per image.
+Shapes: B candidate boxes (all images together), N images, M boxes kept by NMS (in decreasing
+score), k slots per image.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
+
+
+def nms_per_group(
+    boxes: Tensor, scores: Tensor, groups: Tensor, usable: Tensor, iou_thresh: float
+) -> Tensor:
+    """Indices into the B candidates kept by NMS run separately within each group (image and
+    level, or image and class), in decreasing score. ``boxes`` (..., 4), ``scores``, ``groups``
+    and ``usable`` (...) flatten to B.
+
+    Unusable candidates (too small, under the score threshold, empty slots) are dropped first:
+    left in, they would suppress nothing but cost NMS quadratic time. That selection reads its
+    count on the host once, as NMS does with its own result.
+    """
+    candidates = torch.nonzero(usable.reshape(-1)).squeeze(1)
+    # float64: batched_nms may shift each group by a multiple of the largest coordinate, and in
+    # float32 that rounding would let one image's result depend on the others in the batch
+    kept = batched_nms(
+        boxes.reshape(-1, 4)[candidates].double(),
+        scores.reshape(-1)[candidates].double(),
+        groups.reshape(-1)[candidates],
+        iou_thresh,
+    )
+    return candidates[kept]
 
 
 def scatter_top_per_image(

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
-from frcnn.modeling.topk_per_image import scatter_top_per_image
+from frcnn.modeling.topk_per_image import nms_per_group, scatter_top_per_image
 from frcnn.structures import BoxCoder, Detections, clip_boxes
 
 # boxes narrower or shorter than this are dropped before NMS (torchvision's value)
@@ -52,13 +51,10 @@ def postprocess_detections(
     keep &= (widths >= MIN_BOX_SIZE) & (heights >= MIN_BOX_SIZE)
     image_ids = torch.arange(num_images, device=scores.device)[:, None, None].expand_as(scores)
     # (N, K, C) -> (N*K*C): proposal-major, class-minor, the order torchvision flattens in
-    groups = torch.where(keep, image_ids * num_classes + labels - 1, num_images * num_classes)
+    groups = image_ids * num_classes + labels - 1
+    kept = nms_per_group(boxes, scores, groups, keep, settings.nms_thresh)
+    kept_image = image_ids.reshape(-1)[kept]
     flat_boxes = boxes.reshape(-1, 4)
-    # float64 for the same reason as in the proposal layer: exact per-group shifts
-    kept = batched_nms(
-        flat_boxes.double(), scores.reshape(-1).double(), groups.reshape(-1), settings.nms_thresh
-    )
-    kept_image = torch.where(keep.reshape(-1)[kept], image_ids.reshape(-1)[kept], num_images)
     filled, (det_boxes, det_scores, det_labels) = scatter_top_per_image(
         kept_image,
         num_images,

@@ -5,9 +5,8 @@ candidates per image, K = post_nms_topk proposal slots per image.
 
 Steps, as in the paper and torchvision: per-level top-k by objectness, decode, clip, drop boxes
 smaller than ``min_size`` or scoring under ``score_thresh``, NMS per image and level, keep the best
-K. One NMS call serves the whole batch (groups keyed by image and level); dropped boxes go to a
-group of their own so they suppress nothing. The output has a fixed shape with a ``valid`` mask, so
-no count is read on the host.
+K. One NMS call serves the whole batch (groups keyed by image and level). The output has a fixed
+shape with a ``valid`` mask; the only count read on the host is the one NMS needs.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
-from frcnn.modeling.topk_per_image import scatter_top_per_image
+from frcnn.modeling.topk_per_image import nms_per_group, scatter_top_per_image
 from frcnn.structures import BoxCoder, clip_boxes
 
 
@@ -67,16 +65,9 @@ def generate_proposals(
     keep &= scores >= settings.score_thresh
     num_levels = len(num_anchors_per_level)
     image_ids = torch.arange(num_images, device=boxes.device)[:, None].expand_as(scores)
-    groups = torch.where(keep, image_ids * num_levels + levels, num_images * num_levels)
-    # float64: batched_nms may shift each group by a multiple of the largest coordinate, and in
-    # float32 that rounding would let one image's result depend on the others in the batch
-    kept = batched_nms(
-        boxes.reshape(-1, 4).double(),
-        scores.reshape(-1).double(),
-        groups.reshape(-1),
-        settings.nms_thresh,
-    )
-    kept_image = torch.where(keep.reshape(-1)[kept], image_ids.reshape(-1)[kept], num_images)
+    groups = image_ids * num_levels + levels
+    kept = nms_per_group(boxes, scores, groups, keep, settings.nms_thresh)
+    kept_image = image_ids.reshape(-1)[kept]
     valid, (out_boxes, out_scores) = scatter_top_per_image(
         kept_image,
         num_images,

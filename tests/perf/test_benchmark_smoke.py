@@ -1,0 +1,76 @@
+"""tools/benchmark.py end to end at tiny settings: every row present, finite and positive. It
+times nothing itself: no speed is asserted here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "benchmark.py"
+TIME_ROWS = [
+    "train step",
+    "inference per image",
+    "anchor-target",
+    "proposal layer",
+    "proposal-target",
+    "post-processing",
+]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("frcnn_benchmark_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(TOOL), "--arch", "quickstart", "--batch", "2", "--size", "96"]
+    command += ["--iters", "1", "--warmup", "0", "--gt-boxes", "3", "--no-memory"]
+    done = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == TIME_ROWS
+    for name, row in rows.items():
+        assert row["unit"] in ("s", "ms")
+        for key in ("frcnn", "torchvision", "ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+        assert row["ratio"] == pytest.approx(row["frcnn"] / row["torchvision"])
+    assert result["hardware"]["cpu_count"] >= 1
+    assert result["torch"] and result["torchvision"]
+    assert result["config"]["batch"] == 2 and result["config"]["size"] == 96
+    assert "model.rpn.objectness=sigmoid" in result["config"]["overrides"]
+    for name in TIME_ROWS:
+        assert name in done.stdout  # the printed table
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--batch", "0"], "--batch"),
+        (["--size", "8"], "--size"),
+        (["--iters", "0"], "--iters"),
+        (["--gt-boxes", "-1"], "--gt-boxes"),
+        (["--arch", "vgg"], "--arch"),
+        (["--amp", "fp8"], "--amp"),
+        (["--json", "/no/such/folder/out.json"], "--json"),
+    ],
+)
+def test_bad_arguments_name_the_flag(argv: list[str], flag: str, capsys) -> None:
+    tool = _load_tool()
+    with pytest.raises(SystemExit) as error:
+        tool.parse_args(argv)
+    assert error.value.code == 2
+    assert flag in capsys.readouterr().err

@@ -1,0 +1,609 @@
+"""Benchmark frcnn against torchvision's FasterRCNN: same architecture, same hyperparameters, same
+weights, same generated inputs, measured alternately in one run.
+
+    python tools/benchmark.py --arch quickstart --batch 8 --size 256 --gt-boxes 6 --iters 5
+
+Rows (medians): training step (forward + backward + SGD step), inference per image, peak memory
+of a training step (CPU: RSS growth of a fresh subprocess per side; CUDA: max_memory_allocated),
+and the anchor-target, proposal, proposal-target and post-processing stages alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from frcnn.build import build_model  # noqa: E402
+from frcnn.config import load_config  # noqa: E402
+from frcnn.config.schema import ModelConfig  # noqa: E402
+from frcnn.modeling import backbones  # noqa: E402
+from frcnn.modeling.faster_rcnn import FasterRCNN  # noqa: E402
+from frcnn.modeling.roi_heads import postprocess_detections, sample_proposals  # noqa: E402
+from frcnn.modeling.rpn import anchor_targets, generate_proposals  # noqa: E402
+from frcnn.modeling.weight_import import convert_torchvision_state_dict  # noqa: E402
+from frcnn.structures import Targets  # noqa: E402
+
+CONFIGS = {
+    "quickstart": (ROOT / "configs" / "quickstart.yaml", ["model.rpn.objectness=sigmoid"]),
+    "resnet50_fpn": (ROOT / "configs" / "torchvision" / "fasterrcnn_resnet50_fpn.yaml", []),
+}
+ROW_NAMES = [
+    "train step",
+    "inference per image",
+    "peak memory (train step)",
+    "anchor-target",
+    "proposal layer",
+    "proposal-target",
+    "post-processing",
+]
+SIDES = ("frcnn", "torchvision")
+LR = 1e-5  # tiny: the weights barely drift, so both sides keep doing the same work
+
+
+@dataclass
+class Inputs:
+    images_uint8: list[Tensor]
+    images_float: list[Tensor]
+    targets: list[Targets]
+    target_dicts: list[dict[str, Tensor]]
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(CONFIGS), default="quickstart")
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 / 2 (resnet50_fpn)")
+    parser.add_argument("--size", type=int, default=None, help="default: 256 / 512")
+    parser.add_argument("--gt-boxes", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
+    parser.add_argument("--_memory-only", dest="memory_only", choices=SIDES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    default_batch, default_size = (8, 256) if args.arch == "quickstart" else (2, 512)
+    args.batch = default_batch if args.batch is None else args.batch
+    args.size = default_size if args.size is None else args.size
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name, low in (("batch", 1), ("size", 32), ("gt_boxes", 0), ("iters", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be >= {low}, got {getattr(args, name)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: folder {args.json.parent} does not exist")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[FasterRCNN, nn.Module]:
+    """frcnn and torchvision with the same architecture, torchvision's weights copied to frcnn."""
+    path, overrides = CONFIGS[args.arch]
+    cfg = load_config(path, overrides).model
+    torch.manual_seed(args.seed)
+    if args.arch == "quickstart":
+        theirs = _torchvision_like(cfg, args.size)
+    else:
+        theirs = _torchvision_resnet50_fpn(cfg, args.size)
+    ours = build_model(cfg)
+    state = convert_torchvision_state_dict(theirs.state_dict(), cfg.rpn.objectness)
+    result = ours.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    _freeze_like(ours, theirs)
+    ours.to(device)
+    theirs.to(device)
+    if args.channels_last:
+        ours.channels_last = True
+        ours.to(memory_format=torch.channels_last)
+        theirs.to(memory_format=torch.channels_last)
+    return ours, theirs
+
+
+def _torchvision_like(cfg: ModelConfig, size: int) -> nn.Module:
+    """torchvision's FasterRCNN around the quick start's small backbone, setting for setting."""
+    backbone = backbones.small_backbone(cfg.backbone.channels, cfg.backbone.norm)
+    rpn, roi = cfg.rpn, cfg.roi_heads
+    anchors = TVAnchorGenerator(
+        tuple(tuple(int(s) for s in level) for level in cfg.anchors.sizes),
+        tuple(tuple(r) for r in cfg.anchors.aspect_ratios) * len(cfg.anchors.sizes),
+    )
+    resolution = roi.pooler_resolution
+    pooler = MultiScaleRoIAlign([backbone.feature_name], resolution, roi.sampling_ratio)
+    head = TwoMLPHead(backbone.out_channels * resolution**2, roi.representation_size)
+    model = TVFasterRCNN(
+        backbone,
+        num_classes=None,
+        min_size=size,
+        max_size=size,
+        image_mean=list(cfg.pixel_mean),
+        image_std=list(cfg.pixel_std),
+        rpn_anchor_generator=anchors,
+        **_rpn_kwargs(cfg),
+        box_roi_pool=pooler,
+        box_head=head,
+        box_predictor=FastRCNNPredictor(roi.representation_size, cfg.num_classes + 1),
+        box_score_thresh=roi.score_thresh,
+        box_nms_thresh=roi.nms_thresh,
+        box_detections_per_img=roi.detections_per_image,
+        box_fg_iou_thresh=roi.fg_iou_thresh,
+        box_bg_iou_thresh=roi.bg_iou_thresh_hi,
+        box_batch_size_per_image=roi.batch_size_per_image,
+        box_positive_fraction=roi.positive_fraction,
+        bbox_reg_weights=tuple(roi.bbox_reg_weights),
+    )
+    model.rpn.min_size = rpn.min_size  # torchvision hard-codes 1e-3; the quick start uses 1 px
+    return model
+
+
+def _rpn_kwargs(cfg: ModelConfig) -> dict:
+    rpn = cfg.rpn
+    return {
+        "rpn_pre_nms_top_n_train": rpn.pre_nms_topk_train,
+        "rpn_pre_nms_top_n_test": rpn.pre_nms_topk_test,
+        "rpn_post_nms_top_n_train": rpn.post_nms_topk_train,
+        "rpn_post_nms_top_n_test": rpn.post_nms_topk_test,
+        "rpn_nms_thresh": rpn.nms_thresh,
+        "rpn_fg_iou_thresh": rpn.fg_iou_thresh,
+        "rpn_bg_iou_thresh": rpn.bg_iou_thresh,
+        "rpn_batch_size_per_image": rpn.batch_size_per_image,
+        "rpn_positive_fraction": rpn.positive_fraction,
+        "rpn_score_thresh": rpn.score_thresh,
+    }
+
+
+def _torchvision_resnet50_fpn(cfg: ModelConfig, size: int) -> nn.Module:
+    model = fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size
+    )
+    _freeze_batch_norm(model)
+    # random init makes torchvision train every stage; frcnn's config freezes the lowest ones
+    trainable = tuple(f"layer{5 - i}" for i in range(1, cfg.backbone.trainable_layers + 1))
+    for name, parameter in model.backbone.body.named_parameters():
+        if not name.startswith(trainable):
+            parameter.requires_grad_(False)
+    return model
+
+
+def _freeze_batch_norm(module: nn.Module) -> None:
+    """BatchNorm2d -> FrozenBatchNorm2d, the layer torchvision's pretrained detectors run."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norm(child)
+
+
+def _freeze_like(ours: nn.Module, theirs: nn.Module) -> None:
+    """Both sides must train the same parameters, or the backward passes differ in work."""
+    frozen = {n for n, p in theirs.named_parameters() if not p.requires_grad}
+    for name, parameter in ours.named_parameters():
+        if name.replace("rpn.head.conv.", "rpn.head.conv.0.0.") in frozen:
+            parameter.requires_grad_(False)
+    count = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, theirs)]
+    assert count[0] == count[1], f"trainable parameters differ: frcnn {count[0]}, tv {count[1]}"
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def make_inputs(args: argparse.Namespace, num_classes: int, device: torch.device) -> Inputs:
+    generator = torch.Generator().manual_seed(args.seed)
+    size, count = args.size, args.gt_boxes
+    images = [
+        torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+        for _ in range(args.batch)
+    ]
+    targets, dicts = [], []
+    for _ in images:
+        corners = torch.rand(count, 2, 2, generator=generator) * size
+        low, high = corners.amin(dim=1), corners.amax(dim=1)
+        high = torch.maximum(high, low + 4.0).clamp(max=size)  # at least 4 px wide and tall
+        low = torch.minimum(low, high - 4.0)
+        boxes = torch.cat([low, high], dim=1).to(device)
+        labels = torch.randint(1, num_classes + 1, (count,), generator=generator).to(device)
+        targets.append(Targets(boxes, labels))
+        dicts.append({"boxes": boxes, "labels": labels})
+    images = [image.to(device) for image in images]
+    return Inputs(images, [image.float() / 255.0 for image in images], targets, dicts)
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    steps: dict[str, Callable[[], object]], warmup: int, iters: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each side, the sides taking turns so that drifts hit both alike."""
+    times: dict[str, list[float]] = {side: [] for side in steps}
+    for iteration in range(warmup + iters):
+        for side, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if iteration >= warmup:
+                times[side].append(time.perf_counter() - start)
+    return {side: statistics.median(values) for side, values in times.items()}
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_steps(
+    ours: nn.Module, theirs: nn.Module, inputs: Inputs, device: torch.device, amp: str
+) -> dict[str, Callable[[], object]]:
+    def make(model: nn.Module, images: list[Tensor], targets: list) -> Callable[[], object]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+        def step() -> None:
+            model.train()
+            with autocast(device, amp):
+                losses = model(images, targets)
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    return {
+        "frcnn": make(ours, inputs.images_uint8, inputs.targets),
+        "torchvision": make(theirs, inputs.images_float, inputs.target_dicts),
+    }
+
+
+def inference_steps(
+    ours: nn.Module, theirs: nn.Module, inputs: Inputs, device: torch.device, amp: str
+) -> dict[str, Callable[[], object]]:
+    def make(model: nn.Module, images: list[Tensor]) -> Callable[[], object]:
+        def step() -> object:
+            model.eval()
+            with torch.inference_mode(), autocast(device, amp):
+                return model(images)
+
+        return step
+
+    return {
+        "frcnn": make(ours, inputs.images_uint8),
+        "torchvision": make(theirs, inputs.images_float),
+    }
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def stage_steps(
+    ours: FasterRCNN, theirs: nn.Module, inputs: Inputs
+) -> dict[str, dict[str, Callable[[], object]]]:
+    """Each stage of both sides fed the same tensors, computed once by the shared weights."""
+    ours.train()
+    theirs.train()
+    with torch.no_grad():
+        image_list = ours.preprocess(inputs.images_uint8)
+        features = ours.backbone(image_list.tensor)
+        feature_list = list(features.values())
+        sizes = [tuple(f.shape[-2:]) for f in feature_list]
+        anchors = ours.rpn.anchor_generator(
+            tuple(image_list.tensor.shape[-2:]), sizes, image_list.tensor.device
+        )
+        per_location = ours.rpn.anchor_generator.num_anchors_per_location
+        num_per_level = [h * w * a for (h, w), a in zip(sizes, per_location)]
+        logits, deltas = concat_box_prediction_layers(*theirs.rpn.head(feature_list))
+    num_images = len(inputs.images_uint8)
+    objectness, deltas = logits.reshape(num_images, -1), deltas.reshape(num_images, -1, 4)
+    sizes_tensor = image_list.sizes_tensor()
+    proposals = generate_proposals(
+        anchors,
+        objectness,
+        deltas,
+        sizes_tensor,
+        num_per_level,
+        ours.rpn.train_settings,
+        ours.rpn.box_coder,
+    )
+    stages = {
+        "anchor-target": _anchor_target_steps(
+            ours, theirs, inputs, anchors, image_list.image_sizes
+        ),
+        "proposal layer": _proposal_steps(
+            ours, theirs, (anchors, objectness, deltas, sizes_tensor), num_per_level, image_list
+        ),
+        "proposal-target": _proposal_target_steps(ours, theirs, inputs, proposals),
+    }
+    stages["post-processing"] = _postprocess_steps(ours, theirs, features, image_list)
+    return stages
+
+
+def _anchor_target_steps(ours, theirs, inputs: Inputs, anchors: Tensor, image_sizes) -> dict:
+    rpn = ours.rpn
+    anchors_per_image = [anchors] * len(inputs.targets)
+
+    def frcnn() -> object:
+        return anchor_targets(
+            anchors,
+            inputs.targets,
+            image_sizes,
+            rpn.matcher,
+            rpn.box_coder,
+            rpn.batch_size_per_image,
+            rpn.positive_fraction,
+        )
+
+    def torchvision_side() -> object:
+        labels, matched = theirs.rpn.assign_targets_to_anchors(
+            anchors_per_image, inputs.target_dicts
+        )
+        encoded = theirs.rpn.box_coder.encode(matched, anchors_per_image)
+        return theirs.rpn.fg_bg_sampler(labels), encoded
+
+    return {"frcnn": frcnn, "torchvision": torchvision_side}
+
+
+def _proposal_steps(ours, theirs, tensors: tuple, num_per_level: list[int], image_list) -> dict:
+    anchors, objectness, deltas, sizes_tensor = tensors
+    num_images = objectness.shape[0]
+    anchors_per_image = [anchors] * num_images
+
+    def frcnn() -> object:
+        return generate_proposals(
+            anchors,
+            objectness,
+            deltas,
+            sizes_tensor,
+            num_per_level,
+            ours.rpn.train_settings,
+            ours.rpn.box_coder,
+        )
+
+    def torchvision_side() -> object:
+        boxes = theirs.rpn.box_coder.decode(deltas.reshape(-1, 4), anchors_per_image)
+        return theirs.rpn.filter_proposals(
+            boxes.view(num_images, -1, 4),
+            objectness.reshape(-1, 1),
+            image_list.image_sizes,
+            num_per_level,
+        )
+
+    return {"frcnn": frcnn, "torchvision": torchvision_side}
+
+
+def _proposal_target_steps(ours, theirs, inputs: Inputs, proposals) -> dict:
+    boxes_per_image = [b[v] for b, v in zip(proposals.boxes, proposals.valid)]
+    roi = ours.roi_heads
+
+    def frcnn() -> object:
+        return sample_proposals(proposals, inputs.targets, roi.sampling, roi.box_coder)
+
+    def torchvision_side() -> object:
+        return theirs.roi_heads.select_training_samples(boxes_per_image, inputs.target_dicts)
+
+    return {"frcnn": frcnn, "torchvision": torchvision_side}
+
+
+def _postprocess_steps(ours, theirs, features, image_list) -> dict:
+    """Inference-mode proposals and box-head outputs, as a real forward pass produces them."""
+    ours.eval()
+    with torch.no_grad():
+        proposals, _ = ours.rpn(image_list, list(features.values()))
+        logits, box_deltas = ours.roi_heads._predict(features, proposals.boxes, image_list)
+    num_images, num_slots = proposals.boxes.shape[:2]
+    logits = logits.reshape(num_images, num_slots, -1)
+    box_deltas = box_deltas.reshape(num_images, num_slots, -1)
+    valid = proposals.valid
+    boxes_per_image = [b[v] for b, v in zip(proposals.boxes, valid)]
+    roi = ours.roi_heads
+
+    def frcnn() -> object:
+        return postprocess_detections(
+            logits,
+            box_deltas,
+            proposals.boxes,
+            valid,
+            image_list.sizes_tensor(),
+            roi.postprocess,
+            roi.box_coder,
+        )
+
+    def torchvision_side() -> object:
+        return theirs.roi_heads.postprocess_detections(
+            logits[valid], box_deltas[valid], boxes_per_image, image_list.image_sizes
+        )
+
+    return {"frcnn": frcnn, "torchvision": torchvision_side}
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_only(args: argparse.Namespace, side: str) -> None:
+    """Run in a fresh process: peak RSS (MB) of one side's training steps over the RSS between
+    steps, after a first step. ru_maxrss is monotonic and process-wide, hence one process per
+    side."""
+    device = pick_device(args.device)
+    ours, theirs = build_pair(args, device)
+    inputs = make_inputs(args, ours.roi_heads.box_predictor.cls_score.out_features - 1, device)
+    step = train_steps(ours, theirs, inputs, device, args.amp)[side]
+    del ours, theirs
+    step()  # first-call costs (kernel libraries, autograd engine) are not the step's memory
+    gc.collect()
+    baseline = _rss_mb()
+    for _ in range(max(args.warmup, 1)):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": peak - baseline}))
+
+
+def measure_memory(
+    args: argparse.Namespace, argv: list[str], steps: dict, device: torch.device
+) -> dict[str, float]:
+    if device.type == "cuda":
+        peaks = {}
+        for side, step in steps.items():
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peaks[side] = torch.cuda.max_memory_allocated(device) / 2**20
+        return peaks
+    peaks = {}
+    for side in SIDES:
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_memory-only", side]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory subprocess for {side} failed:\n{done.stderr[-2000:]}")
+        peaks[side] = json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+    return peaks
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def hardware(device: torch.device) -> dict[str, object]:
+    model = platform.processor() or ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "gpu": gpu,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def make_row(name: str, values: dict[str, float], unit: str) -> dict[str, object]:
+    ours, theirs = values["frcnn"], values["torchvision"]
+    ratio = ours / theirs if theirs > 0 else math.nan
+    return {"name": name, "frcnn": ours, "torchvision": theirs, "ratio": ratio, "unit": unit}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'name':<26} | {'frcnn':>10} | {'torchvision':>11} | {'ratio':>6} | unit"]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        lines.append(
+            f"{row['name']:<26} | {row['frcnn']:>10.4g} | {row['torchvision']:>11.4g} | "
+            f"{row['ratio']:>6.3f} | {row['unit']}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, object]:
+    device = pick_device(args.device)
+    ours, theirs = build_pair(args, device)
+    num_classes = ours.roi_heads.box_predictor.cls_score.out_features - 1
+    inputs = make_inputs(args, num_classes, device)
+    train = train_steps(ours, theirs, inputs, device, args.amp)
+    rows = [make_row("train step", alternate(train, args.warmup, args.iters, device), "s")]
+    infer = alternate(
+        inference_steps(ours, theirs, inputs, device, args.amp), args.warmup, args.iters, device
+    )
+    per_image = {side: value / args.batch for side, value in infer.items()}
+    rows.append(make_row("inference per image", per_image, "s"))
+    if not args.no_memory:
+        rows.append(
+            make_row("peak memory (train step)", measure_memory(args, argv, train, device), "MB")
+        )
+    for name, steps in stage_steps(ours, theirs, inputs).items():
+        times = alternate(steps, max(args.warmup, 1), args.iters, device)
+        rows.append(make_row(name, {side: 1000 * t for side, t in times.items()}, "ms"))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.pop("memory_only")
+    return {
+        "rows": rows,
+        "hardware": hardware(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "config": {
+            **settings,
+            "config_file": str(CONFIGS[args.arch][0].relative_to(ROOT)),
+            "overrides": CONFIGS[args.arch][1],
+            "optimizer": f"SGD lr={LR} momentum=0.9",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.memory_only:
+        memory_only(args, args.memory_only)
+        return 0
+    result = run(args, argv)
+    print(format_table(result["rows"]))
+    print(f"hardware: {json.dumps(result['hardware'])}")
+    print(f"torch {result['torch']}, torchvision {result['torchvision']}")
+    print(f"settings: {json.dumps(result['config'])}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
