@@ -33,7 +33,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,7 +45,7 @@ from frcnn.modeling import backbones  # noqa: E402
 from frcnn.modeling.faster_rcnn import FasterRCNN  # noqa: E402
 from frcnn.modeling.roi_heads import postprocess_detections, sample_proposals  # noqa: E402
 from frcnn.modeling.rpn import anchor_targets, generate_proposals  # noqa: E402
-from frcnn.modeling.weight_import import convert_torchvision_state_dict  # noqa: E402
+from frcnn.modeling.weight_import import convert_torchvision_state_dict, freeze_batch_norm  # noqa: E402
 from frcnn.structures import Targets  # noqa: E402
 
 CONFIGS = {
@@ -198,25 +198,13 @@ def _torchvision_resnet50_fpn(cfg: ModelConfig, size: int) -> nn.Module:
     model = fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size
     )
-    _freeze_batch_norm(model)
+    freeze_batch_norm(model)
     # random init makes torchvision train every stage; frcnn's config freezes the lowest ones
     trainable = tuple(f"layer{5 - i}" for i in range(1, cfg.backbone.trainable_layers + 1))
     for name, parameter in model.backbone.body.named_parameters():
         if not name.startswith(trainable):
             parameter.requires_grad_(False)
     return model
-
-
-def _freeze_batch_norm(module: nn.Module) -> None:
-    """BatchNorm2d -> FrozenBatchNorm2d, the layer torchvision's pretrained detectors run."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features)
-            for buffer in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batch_norm(child)
 
 
 def _freeze_like(ours: nn.Module, theirs: nn.Module) -> None:

@@ -9,7 +9,8 @@ the softmax pair (0, x), so the background rows are zero and the foreground rows
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
 
 _RPN_CONV = {
     "rpn.head.conv.0.0.weight": "rpn.head.conv.weight",
@@ -39,3 +40,19 @@ def convert_torchvision_state_dict(
     elif objectness != "sigmoid":
         raise ValueError(f"objectness must be 'sigmoid' or 'softmax', got {objectness!r}")
     return converted
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d holding its statistics and
+    affine parameters (in place; returns ``module``). torchvision runs its pretrained detectors
+    with FrozenBatchNorm2d at its default eps 1e-5 (also for MobileNetV3, whose BatchNorm2d uses
+    1e-3); a detector built without weights has BatchNorm2d instead."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module

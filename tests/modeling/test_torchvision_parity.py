@@ -14,11 +14,10 @@ from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn,
 )
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn.build import build_model
 from frcnn.config import load_config
-from frcnn.modeling.weight_import import convert_torchvision_state_dict
+from frcnn.modeling.weight_import import convert_torchvision_state_dict, freeze_batch_norm
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "torchvision"
 # small inputs keep the test fast; the size at which torchvision resizes is checked separately
@@ -54,21 +53,8 @@ def _confident_torchvision(builder, seed: int) -> nn.Module:
         predictor = model.roi_heads.box_predictor
         _init(predictor.cls_score, 3.0 / predictor.cls_score.in_features**0.5, 2.0)
         _init(predictor.bbox_pred, 0.3 / predictor.bbox_pred.in_features**0.5, 0.1)
-    _freeze_batch_norm(model)
+    freeze_batch_norm(model)
     return model.eval()
-
-
-def _freeze_batch_norm(module: nn.Module) -> None:
-    """torchvision builds its pretrained detectors with FrozenBatchNorm2d (eps 1e-5); random init
-    gives BatchNorm2d. Swap them so the reference is the architecture its checkpoints run in."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features)
-            for buffer in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batch_norm(child)
 
 
 def _init(layer: nn.Module, weight_std: float, bias_std: float) -> None:
