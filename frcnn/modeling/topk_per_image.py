@@ -8,29 +8,47 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 
 def nms_per_group(
-    boxes: Tensor, scores: Tensor, groups: Tensor, usable: Tensor, iou_thresh: float
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+    usable: Tensor,
+    iou_thresh: float,
+    one_call: bool = True,
 ) -> Tensor:
     """Indices into the B candidates kept by NMS run separately within each group (image and
     level, or image and class), in decreasing score. ``boxes`` (..., 4), ``scores``, ``groups``
     and ``usable`` (...) flatten to B.
 
+    One NMS call serves every group: each group's boxes are shifted along the diagonal by a
+    multiple of the coordinate span, so that boxes of different groups never overlap. That keeps
+    the host reads per call at two (the candidate count below, and NMS's own result) however many
+    images and levels or classes there are; torchvision's batched_nms instead loops over the
+    groups above 4000 boxes on CPU (20000 on CUDA), reading every group's size on the host.
+
     Unusable candidates (too small, under the score threshold, empty slots) are dropped first:
-    left in, they would suppress nothing but cost NMS quadratic time. That selection reads its
-    count on the host once, as NMS does with its own result.
+    left in, they would suppress nothing but cost NMS quadratic time.
+
+    ``one_call=False`` hands the groups to torchvision's batched_nms instead. The CPU kernel of
+    NMS compares every kept box with every later box of the call, groups or not, so one call over
+    many well-populated groups (detections: images x classes) costs far more than a call per
+    group there, while a host read costs nothing on a CPU.
     """
     candidates = torch.nonzero(usable.reshape(-1)).squeeze(1)
-    # float64: batched_nms may shift each group by a multiple of the largest coordinate, and in
-    # float32 that rounding would let one image's result depend on the others in the batch
-    kept = batched_nms(
-        boxes.reshape(-1, 4)[candidates].double(),
-        scores.reshape(-1)[candidates].double(),
-        groups.reshape(-1)[candidates],
-        iou_thresh,
-    )
+    # float64: the shift is up to (number of groups) x (coordinate span), and in float32 its
+    # rounding would let one image's result depend on the others in the batch
+    boxes = boxes.reshape(-1, 4)[candidates].double()
+    groups = groups.reshape(-1)[candidates]
+    scores = scores.reshape(-1)[candidates].double()
+    if not one_call:
+        return candidates[batched_nms(boxes, scores, groups, iou_thresh)]
+    low = boxes.amin() if boxes.numel() else boxes.new_zeros(())
+    high = boxes.amax() if boxes.numel() else boxes.new_zeros(())
+    shift = groups.double() * (high - low + 1.0)
+    kept = nms(boxes - low + shift[:, None], scores, iou_thresh)
     return candidates[kept]
 
 

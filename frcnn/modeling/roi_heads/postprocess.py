@@ -2,7 +2,7 @@
 per-class NMS, the best detections per image.
 
 Shapes: N images, K proposal slots per image, C foreground classes, D detection slots per image.
-One NMS call serves the whole batch, its groups keyed by image and class.
+One NMS call serves the whole batch on an accelerator, its groups keyed by image and class.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def postprocess_detections(
     image_ids = torch.arange(num_images, device=scores.device)[:, None, None].expand_as(scores)
     # (N, K, C) -> (N*K*C): proposal-major, class-minor, the order torchvision flattens in
     groups = image_ids * num_classes + labels - 1
-    kept = nms_per_group(boxes, scores, groups, keep, settings.nms_thresh)
+    # one call on accelerators; per group on a CPU, where that is faster (see nms_per_group)
+    one_call = scores.device.type != "cpu"
+    kept = nms_per_group(boxes, scores, groups, keep, settings.nms_thresh, one_call)
     kept_image = image_ids.reshape(-1)[kept]
     flat_boxes = boxes.reshape(-1, 4)
     filled, (det_boxes, det_scores, det_labels) = scatter_top_per_image(
