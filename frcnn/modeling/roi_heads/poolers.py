@@ -1,7 +1,12 @@
-"""RoI feature extraction with torchvision.ops: RoIAlign or RoIPool on one level, and
-MultiScaleRoIAlign over the FPN levels (level of a box from its size, as in the FPN paper).
+"""RoI feature extraction with torchvision's kernels: RoIAlign or RoIPool on one level, and
+RoIAlign over the FPN levels with each box on the level its size picks (FPN paper, eq. 1), as
+torchvision's MultiScaleRoIAlign does.
 
-Shapes: N images, S RoIs per image, Ch channels, P x P the pooled size.
+Shapes: N images, S RoIs per image, L levels, Ch channels, P x P the pooled size.
+
+RoIAlign runs as jobs of whole images (roi_align_jobs.py), in parallel on a CPU. Over FPN levels
+the RoIs are sorted by (level, image) on the device and the per-(level, image) counts are read on
+the host once, where MultiScaleRoIAlign reads the size of every level.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
+from torchvision.ops import roi_pool
+
+from frcnn.modeling.roi_heads.roi_align_jobs import num_workers, roi_align_jobs, split_jobs
 
 
 class SingleLevelPooler(nn.Module):
@@ -49,15 +56,32 @@ class SingleLevelPooler(nn.Module):
         rois = _to_rois(boxes)
         if self.kind == "pool":
             return roi_pool(feature, rois, self.output_size, scale)
-        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+        num_images, per_image = boxes.shape[:2]
+        jobs = split_jobs([[per_image] * num_images], num_workers(feature.device))
+        return roi_align_jobs(
+            [feature], [scale], rois, jobs, self.output_size, self.sampling_ratio, self.aligned
+        )
 
 
 class MultiLevelPooler(nn.Module):
-    """torchvision's MultiScaleRoIAlign over the named FPN levels."""
+    """RoIAlign over the named FPN levels, with torchvision's MultiScaleRoIAlign's level rule:
+    level k = floor(canonical_level + log2(sqrt(area) / canonical_scale)), clamped to the levels
+    present, the levels' scales read from their sizes relative to the largest image."""
 
-    def __init__(self, feature_names: list[str], output_size: int, sampling_ratio: int = 2) -> None:
+    def __init__(
+        self,
+        feature_names: list[str],
+        output_size: int,
+        sampling_ratio: int = 2,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
         super().__init__()
-        self.pooler = MultiScaleRoIAlign(feature_names, output_size, sampling_ratio)
+        self.feature_names = list(feature_names)
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
 
     def forward(
         self,
@@ -68,7 +92,34 @@ class MultiLevelPooler(nn.Module):
     ) -> Tensor:
         """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P). The level scales are inferred from the
         largest image size, as torchvision's detector passes it."""
-        return self.pooler(features, list(boxes.unbind(0)), image_sizes)
+        # like MultiScaleRoIAlign, the named levels the backbone has (MobileNet's FPN has two)
+        maps = [feature for name, feature in features.items() if name in self.feature_names]
+        largest = max(size[0] for size in image_sizes)
+        scales = [2.0 ** round(math.log2(m.shape[-2] / largest)) for m in maps]
+        num_images, per_image = boxes.shape[:2]
+        num_levels = len(maps)
+        levels = self._levels(boxes.reshape(-1, 4), scales)  # (N*S,)
+        images = torch.arange(num_images, device=boxes.device)[:, None].expand(-1, per_image)
+        key = levels * num_images + images.reshape(-1)
+        order = torch.argsort(key, stable=True)  # (level, image), each image's RoIs in order
+        counts = torch.zeros(num_levels * num_images, dtype=torch.int64, device=boxes.device)
+        counts = counts.scatter_add_(0, key, torch.ones_like(key)).tolist()  # the one host read
+        per_level = [counts[i * num_images : (i + 1) * num_images] for i in range(num_levels)]
+        jobs = split_jobs(per_level, num_workers(boxes.device))
+        pooled = roi_align_jobs(
+            maps, scales, _to_rois(boxes)[order], jobs, self.output_size, self.sampling_ratio, False
+        )
+        restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        return pooled.index_select(0, restore)
+
+    def _levels(self, boxes: Tensor, scales: list[float]) -> Tensor:
+        """(M, 4) -> (M,) level index, computed as torchvision's LevelMapper does."""
+        k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        size = torch.sqrt(area)
+        eps = torch.tensor(1e-6, dtype=size.dtype, device=size.device)
+        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + eps)
+        return torch.clamp(level, min=k_min, max=k_max).to(torch.int64) - k_min
 
 
 def _to_rois(boxes: Tensor) -> Tensor:

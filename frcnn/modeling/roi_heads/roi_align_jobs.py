@@ -1,0 +1,165 @@
+"""torchvision's RoIAlign kernels run over a batch as independent jobs, in parallel on a CPU.
+
+Shapes: N images, L feature levels, M RoIs, Ch channels, P x P the pooled size.
+
+torchvision's CPU RoIAlign runs on one thread, and its backward (which recomputes every sample's
+bilinear weights for each channel) was a third of a quick-start training step. The RoIs of
+different images touch different slices of a feature map, so the batch splits into jobs, each a
+range of images on one level: a job pools from ``feature[first_image:end_image]`` with its RoIs'
+image indices shifted to match, and in the backward it owns that slice of the gradient. The jobs
+run on a thread pool of ``torch.get_num_threads()`` workers (the kernels release the GIL); on
+other devices they run one after another, as a kernel there is parallel already.
+
+Every RoI is pooled by the same kernel with the same arguments, and every image's gradient is
+accumulated over its RoIs in their original order, so the results are bitwise those of one
+``torchvision.ops.roi_align`` call per level, however the work is split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+@dataclass(frozen=True)
+class RoIJob:
+    """RoIs ``first_roi:end_roi`` (all from images ``first_image:end_image``) on ``level``."""
+
+    level: int
+    first_image: int
+    end_image: int
+    first_roi: int
+    end_roi: int
+
+
+def split_jobs(rois_per_level_image: Sequence[Sequence[int]], num_workers: int) -> list[RoIJob]:
+    """Cut RoIs sorted by (level, image), with the given counts, into jobs of contiguous images
+    on one level, about ``1 / num_workers`` of the RoIs each. Images without RoIs need no job."""
+    total = sum(sum(counts) for counts in rois_per_level_image)
+    target = max(1, math.ceil(total / max(num_workers, 1)))
+    jobs: list[RoIJob] = []
+    first_roi = 0
+    for level, counts in enumerate(rois_per_level_image):
+        first_image, taken = 0, 0
+        for image, count in enumerate(counts):
+            taken += count
+            if taken >= target or image == len(counts) - 1:
+                if taken:
+                    end_roi = first_roi + taken
+                    jobs.append(RoIJob(level, first_image, image + 1, first_roi, end_roi))
+                    first_roi = end_roi
+                first_image, taken = image + 1, 0
+    return jobs
+
+
+def roi_align_jobs(
+    features: Sequence[Tensor],
+    scales: Sequence[float],
+    rois: Tensor,
+    jobs: Sequence[RoIJob],
+    output_size: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """Pool ``rois`` (M, 5) rows of (image index, x1, y1, x2, y2), sorted by (level, image) as
+    ``jobs`` describe them, from ``features`` (one (N, Ch, Hl, Wl) map per level) -> (M, Ch, P, P).
+    Differentiable with respect to the features."""
+    settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned)
+    return _RoIAlignJobs.apply(rois, settings, *features)
+
+
+class _RoIAlignJobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rois: Tensor, settings: tuple, *features: Tensor) -> Tensor:  # noqa: ANN001
+        scales, jobs, size, sampling_ratio, aligned = settings
+        dtype = features[0].dtype
+        # torchvision's autocast rule for RoIAlign: compute in float32, return the input's dtype
+        maps = [feature.float() for feature in features]
+        job_rois = [
+            _shift_images(rois[j.first_roi : j.end_roi].float(), j.first_image) for j in jobs
+        ]
+
+        def pool(index: int) -> Tensor:
+            job = jobs[index]
+            return torch.ops.torchvision.roi_align(
+                maps[job.level][job.first_image : job.end_image],
+                job_rois[index],
+                scales[job.level],
+                size,
+                size,
+                sampling_ratio,
+                aligned,
+            )
+
+        pooled = _run(pool, len(jobs), maps[0].device)
+        channels = maps[0].shape[1]
+        output = torch.cat(pooled) if pooled else maps[0].new_zeros((0, channels, size, size))
+        ctx.settings = settings
+        ctx.job_rois = job_rois
+        ctx.shapes = [feature.shape for feature in features]
+        ctx.dtypes = [feature.dtype for feature in features]
+        return output.to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple:  # noqa: ANN001
+        scales, jobs, size, sampling_ratio, aligned = ctx.settings
+        grad_output = grad_output.float()
+        grads = [grad_output.new_zeros(shape) for shape in ctx.shapes]
+
+        def backward_one(index: int) -> None:
+            job = jobs[index]
+            _, channels, height, width = ctx.shapes[job.level]
+            grad = torch.ops.torchvision._roi_align_backward(
+                grad_output[job.first_roi : job.end_roi],
+                ctx.job_rois[index],
+                scales[job.level],
+                size,
+                size,
+                job.end_image - job.first_image,
+                channels,
+                height,
+                width,
+                sampling_ratio,
+                aligned,
+            )
+            grads[job.level][job.first_image : job.end_image].copy_(grad)
+
+        _run(backward_one, len(jobs), grad_output.device)
+        feature_grads = [
+            grad.to(dtype) if needed else None
+            for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[2:])
+        ]
+        return (None, None, *feature_grads)
+
+
+def _shift_images(rois: Tensor, first_image: int) -> Tensor:
+    if first_image == 0:
+        return rois
+    shifted = rois.clone()
+    shifted[:, 0] -= first_image
+    return shifted
+
+
+def num_workers(device: torch.device) -> int:
+    """How many jobs run at once on ``device``."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def _run(work: Callable[[int], object], count: int, device: torch.device) -> list:
+    workers = num_workers(device)
+    if workers < 2 or count < 2:
+        return [work(index) for index in range(count)]
+    global _executor
+    if _executor is None or _executor[0] != workers:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frcnn-roi-align")
+        _executor = (workers, pool)
+    return list(_executor[1].map(work, range(count)))

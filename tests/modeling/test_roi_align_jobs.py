@@ -1,0 +1,113 @@
+"""The RoI poolers split into per-image jobs give torchvision's results bitwise, forward and
+backward, however many jobs run."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+from frcnn.engine.sync_count import count_host_syncs
+from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
+from frcnn.modeling.roi_heads import roi_align_jobs as jobs_module
+from frcnn.modeling.roi_heads.roi_align_jobs import RoIJob, split_jobs
+
+
+def _boxes(num_images: int, per_image: int, size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    corner = torch.rand(num_images, per_image, 2, generator=generator) * size
+    extent = torch.rand(num_images, per_image, 2, generator=generator) * size * 0.7 + 1.0
+    boxes = torch.cat([corner, corner + extent], dim=-1)
+    boxes[0, 0] = torch.tensor([-5.0, -3.0, size + 9.0, size + 4.0])  # crossing the border
+    boxes[-1, -1] = 0.0  # an empty slot
+    return boxes
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda w: f"{w}-workers")
+def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(jobs_module, "num_workers", lambda device: request.param)
+    import frcnn.modeling.roi_heads.poolers as poolers
+
+    monkeypatch.setattr(poolers, "num_workers", lambda device: request.param)
+    return request.param
+
+
+def test_split_jobs_covers_every_roi_once_in_order() -> None:
+    counts = [[3, 0, 5, 2], [0, 0, 0, 0], [1, 4, 0, 0]]
+    for num_workers in (1, 2, 3, 7, 100):
+        jobs = split_jobs(counts, num_workers)
+        assert jobs[0].first_roi == 0 and jobs[-1].end_roi == 15
+        for previous, job in zip(jobs, jobs[1:]):
+            assert job.first_roi == previous.end_roi
+        for job in jobs:
+            level_counts = counts[job.level][job.first_image : job.end_image]
+            assert sum(level_counts) == job.end_roi - job.first_roi > 0
+    assert split_jobs(counts, 1) == [RoIJob(0, 0, 4, 0, 10), RoIJob(2, 0, 4, 10, 15)]
+    assert split_jobs([[0, 0]], 2) == []
+
+
+def test_single_level_equals_torchvision_forward_and_backward(workers: int) -> None:
+    torch.manual_seed(0)
+    boxes = _boxes(3, 17, 64, seed=1)
+    feature = torch.randn(3, 5, 8, 8, requires_grad=True)
+    reference = feature.detach().clone().requires_grad_(True)
+    rois = torch.cat([torch.arange(3.0).repeat_interleave(17)[:, None], boxes.reshape(-1, 4)], 1)
+    expected = roi_align(reference, rois, 7, 0.125, 2, aligned=True)
+    pooler = SingleLevelPooler("f", 7, "align", sampling_ratio=2, aligned=True)
+    pooled = pooler(OrderedDict(f=feature), boxes, [(64, 64)] * 3, (64, 64))
+    assert torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+    assert torch.equal(feature.grad, reference.grad)
+
+
+def test_multi_level_equals_multiscale_roi_align(workers: int) -> None:
+    torch.manual_seed(0)
+    image_sizes = [(256, 192), (240, 256)]
+    boxes = _boxes(2, 40, 240, seed=2)
+    boxes[1, :5] *= 0.05  # small boxes: the lowest level
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict(
+        (name, torch.randn(2, 4, 64 // 2**i, 64 // 2**i, requires_grad=True))
+        for i, name in enumerate(names)
+    )
+    features["pool"] = torch.randn(2, 4, 4, 4)  # not a pooled level, as in torchvision's FPN
+    references = OrderedDict(
+        (k, v.detach().clone().requires_grad_(True)) for k, v in features.items()
+    )
+    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(boxes.unbind(0)), image_sizes)
+    pooled = MultiLevelPooler(names, 7, 2)(features, boxes, image_sizes, (256, 256))
+    assert torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+    for name in names:
+        assert torch.equal(features[name].grad, references[name].grad), name
+
+
+def test_bf16_features_pool_in_float32_like_torchvisions_autocast() -> None:
+    boxes = _boxes(2, 5, 64, seed=3)
+    feature = torch.randn(2, 3, 8, 8).bfloat16()
+    pooled = SingleLevelPooler("f", 7, "align", 2)(OrderedDict(f=feature), boxes, [], (64, 64))
+    rois = torch.cat([torch.arange(2.0).repeat_interleave(5)[:, None], boxes.reshape(-1, 4)], 1)
+    expected = roi_align(feature.float(), rois, 7, 0.125, 2).bfloat16()
+    assert pooled.dtype == torch.bfloat16
+    assert torch.equal(pooled, expected)
+
+
+@pytest.mark.parametrize("num_images", [1, 4])
+def test_multi_level_pooling_reads_the_host_once(num_images: int) -> None:
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict(
+        (n, torch.randn(num_images, 2, 32 >> i, 32 >> i)) for i, n in enumerate(names)
+    )
+    boxes = _boxes(num_images, 30, 128, seed=4)
+    with count_host_syncs() as syncs:
+        MultiLevelPooler(names, 7, 2)(features, boxes, [(128, 128)] * num_images, (128, 128))
+    assert syncs.total == 1, syncs
+    with count_host_syncs() as syncs:
+        MultiScaleRoIAlign(names, 7, 2)(features, list(boxes.unbind(0)), [(128, 128)] * num_images)
+    assert syncs.total >= len(names), syncs  # the reference reads every level's size
