@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from frcnn.build import build_model  # noqa: E402
 from frcnn.config import load_config  # noqa: E402
 from frcnn.config.schema import ModelConfig  # noqa: E402
+from frcnn.engine.sync_count import count_host_syncs  # noqa: E402
 from frcnn.modeling import backbones  # noqa: E402
 from frcnn.modeling.faster_rcnn import FasterRCNN  # noqa: E402
 from frcnn.modeling.roi_heads import postprocess_detections, sample_proposals  # noqa: E402
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
+    parser.add_argument(
+        "--sync-batches",
+        type=_batch_list,
+        default=[2, 8],
+        help="batch sizes at which to count host syncs in one training step (default: 2,8)",
+    )
     parser.add_argument("--_memory-only", dest="memory_only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     default_batch, default_size = (8, 256) if args.arch == "quickstart" else (2, 512)
@@ -97,6 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size = default_size if args.size is None else args.size
     _check_args(parser, args)
     return args
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 2,8, got {text!r}") from None
+    if any(batch < 1 for batch in batches):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return batches
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -455,6 +472,30 @@ def _postprocess_steps(ours, theirs, features, image_list) -> dict:
     return {"frcnn": frcnn, "torchvision": torchvision_side}
 
 
+# ------------------------------------------------------------------------------------ syncs
+
+
+def count_syncs(
+    args: argparse.Namespace, ours: nn.Module, theirs: nn.Module, device: torch.device
+) -> list[dict[str, object]]:
+    """Host synchronisations in one training step of each side (after a first step), at each
+    batch size of ``--sync-batches``; the calls counted are listed in frcnn/engine/sync_count.py."""
+    rows = []
+    num_classes = ours.roi_heads.box_predictor.cls_score.out_features - 1
+    for batch in args.sync_batches:
+        inputs = make_inputs(
+            argparse.Namespace(**{**vars(args), "batch": batch}), num_classes, device
+        )
+        counts = {}
+        for side, step in train_steps(ours, theirs, inputs, device, args.amp).items():
+            step()
+            with count_host_syncs() as syncs:
+                step()
+            counts[side] = float(syncs.total)
+        rows.append(make_row(f"host syncs / step, batch {batch}", counts, "calls"))
+    return rows
+
+
 # ------------------------------------------------------------------------------------ memory
 
 
@@ -561,6 +602,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, object]:
     for name, steps in stage_steps(ours, theirs, inputs).items():
         times = alternate(steps, max(args.warmup, 1), args.iters, device)
         rows.append(make_row(name, {side: 1000 * t for side, t in times.items()}, "ms"))
+    rows.extend(count_syncs(args, ours, theirs, device))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.pop("memory_only")
     return {

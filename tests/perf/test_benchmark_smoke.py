@@ -22,6 +22,7 @@ TIME_ROWS = [
     "proposal-target",
     "post-processing",
 ]
+SYNC_ROWS = ["host syncs / step, batch 1", "host syncs / step, batch 2"]
 
 
 def _load_tool():
@@ -36,15 +37,20 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(TOOL), "--arch", "quickstart", "--batch", "2", "--size", "96"]
     command += ["--iters", "1", "--warmup", "0", "--gt-boxes", "3", "--no-memory"]
+    command += ["--sync-batches", "1,2"]
     done = subprocess.run(
         [*command, "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["name"]: row for row in result["rows"]}
-    assert list(rows) == TIME_ROWS
+    assert list(rows) == TIME_ROWS + SYNC_ROWS
+    for name in SYNC_ROWS:
+        assert rows[name]["unit"] == "calls"
+        assert rows[name]["frcnn"] < rows[name]["torchvision"]
+    assert rows[SYNC_ROWS[0]]["frcnn"] == rows[SYNC_ROWS[1]]["frcnn"]
     for name, row in rows.items():
-        assert row["unit"] in ("s", "ms")
+        assert row["unit"] in ("s", "ms", "calls")
         for key in ("frcnn", "torchvision", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert row["ratio"] == pytest.approx(row["frcnn"] / row["torchvision"])
@@ -66,6 +72,8 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
         (["--arch", "vgg"], "--arch"),
         (["--amp", "fp8"], "--amp"),
         (["--json", "/no/such/folder/out.json"], "--json"),
+        (["--sync-batches", "2,x"], "--sync-batches"),
+        (["--sync-batches", "0"], "--sync-batches"),
     ],
 )
 def test_bad_arguments_name_the_flag(argv: list[str], flag: str, capsys) -> None:
