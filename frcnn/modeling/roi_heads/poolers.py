@@ -59,7 +59,14 @@ class SingleLevelPooler(nn.Module):
         num_images, per_image = boxes.shape[:2]
         jobs = split_jobs([[per_image] * num_images], num_workers(feature.device))
         return roi_align_jobs(
-            [feature], [scale], rois, jobs, self.output_size, self.sampling_ratio, self.aligned
+            [feature],
+            [scale],
+            rois,
+            None,  # the RoIs come image by image already
+            jobs,
+            self.output_size,
+            self.sampling_ratio,
+            self.aligned,
         )
 
 
@@ -106,11 +113,10 @@ class MultiLevelPooler(nn.Module):
         counts = counts.scatter_add_(0, key, torch.ones_like(key)).tolist()  # the one host read
         per_level = [counts[i * num_images : (i + 1) * num_images] for i in range(num_levels)]
         jobs = split_jobs(per_level, num_workers(boxes.device))
-        pooled = roi_align_jobs(
-            maps, scales, _to_rois(boxes)[order], jobs, self.output_size, self.sampling_ratio, False
+        rois = _to_rois(boxes)
+        return roi_align_jobs(
+            maps, scales, rois, order, jobs, self.output_size, self.sampling_ratio, False
         )
-        restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
-        return pooled.index_select(0, restore)
 
     def _levels(self, boxes: Tensor, scales: list[float]) -> Tensor:
         """(M, 4) -> (M,) level index, computed as torchvision's LevelMapper does."""

@@ -64,32 +64,43 @@ def roi_align_jobs(
     features: Sequence[Tensor],
     scales: Sequence[float],
     rois: Tensor,
+    order: Tensor | None,
     jobs: Sequence[RoIJob],
     output_size: int,
     sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    """Pool ``rois`` (M, 5) rows of (image index, x1, y1, x2, y2), sorted by (level, image) as
-    ``jobs`` describe them, from ``features`` (one (N, Ch, Hl, Wl) map per level) -> (M, Ch, P, P).
+    """Pool ``rois`` (M, 5) rows of (image index, x1, y1, x2, y2) from ``features`` (one
+    (N, Ch, Hl, Wl) map per level) -> (M, Ch, P, P), in the order of ``rois``. ``jobs`` index the
+    RoIs sorted by (level, image): ``rois[order]``, or ``rois`` itself when ``order`` is None.
     Differentiable with respect to the features."""
     settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned)
-    return _RoIAlignJobs.apply(rois, settings, *features)
+    return _RoIAlignJobs.apply(rois, order, settings, *features)
 
 
 class _RoIAlignJobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rois: Tensor, settings: tuple, *features: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(
+        ctx,  # noqa: ANN001
+        rois: Tensor,
+        order: Tensor | None,
+        settings: tuple,
+        *features: Tensor,
+    ) -> Tensor:
         scales, jobs, size, sampling_ratio, aligned = settings
         dtype = features[0].dtype
         # torchvision's autocast rule for RoIAlign: compute in float32, return the input's dtype
         maps = [feature.float() for feature in features]
+        rows = [_rows(order, job) for job in jobs]  # each job's rows of rois and of the output
         job_rois = [
-            _shift_images(rois[j.first_roi : j.end_roi].float(), j.first_image) for j in jobs
+            _shift_images(_take(rois, where).float(), job.first_image)
+            for job, where in zip(jobs, rows)
         ]
+        output = maps[0].new_empty((rois.shape[0], maps[0].shape[1], size, size))
 
-        def pool(index: int) -> Tensor:
+        def pool(index: int) -> None:
             job = jobs[index]
-            return torch.ops.torchvision.roi_align(
+            pooled = torch.ops.torchvision.roi_align(
                 maps[job.level][job.first_image : job.end_image],
                 job_rois[index],
                 scales[job.level],
@@ -98,11 +109,11 @@ class _RoIAlignJobs(torch.autograd.Function):
                 sampling_ratio,
                 aligned,
             )
+            _put(output, rows[index], pooled)  # jobs own disjoint rows
 
-        pooled = _run(pool, len(jobs), maps[0].device)
-        channels = maps[0].shape[1]
-        output = torch.cat(pooled) if pooled else maps[0].new_zeros((0, channels, size, size))
+        _run(pool, len(jobs), maps[0].device)
         ctx.settings = settings
+        ctx.rows = rows
         ctx.job_rois = job_rois
         ctx.shapes = [feature.shape for feature in features]
         ctx.dtypes = [feature.dtype for feature in features]
@@ -119,7 +130,7 @@ class _RoIAlignJobs(torch.autograd.Function):
             job = jobs[index]
             _, channels, height, width = ctx.shapes[job.level]
             grad = torch.ops.torchvision._roi_align_backward(
-                grad_output[job.first_roi : job.end_roi],
+                _take(grad_output, ctx.rows[index]),
                 ctx.job_rois[index],
                 scales[job.level],
                 size,
@@ -136,9 +147,26 @@ class _RoIAlignJobs(torch.autograd.Function):
         _run(backward_one, len(jobs), grad_output.device)
         feature_grads = [
             grad.to(dtype) if needed else None
-            for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[2:])
+            for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[3:])
         ]
-        return (None, None, *feature_grads)
+        return (None, None, None, *feature_grads)
+
+
+def _rows(order: Tensor | None, job: RoIJob) -> slice | Tensor:
+    if order is None:
+        return slice(job.first_roi, job.end_roi)
+    return order[job.first_roi : job.end_roi]
+
+
+def _take(values: Tensor, rows: slice | Tensor) -> Tensor:
+    return values[rows] if isinstance(rows, slice) else values.index_select(0, rows)
+
+
+def _put(out: Tensor, rows: slice | Tensor, values: Tensor) -> None:
+    if isinstance(rows, slice):
+        out[rows].copy_(values)
+    else:
+        out.index_copy_(0, rows, values)
 
 
 def _shift_images(rois: Tensor, first_image: int) -> Tensor:
