@@ -40,7 +40,8 @@ def postprocess_detections(
     num_images, num_proposals, num_logits = class_logits.shape
     num_classes = num_logits - 1
     scores = torch.softmax(class_logits.float(), dim=-1)[..., 1:]  # (N, K, C)
-    boxes = box_coder.decode(box_deltas, proposals).reshape(num_images, num_proposals, -1, 4)
+    boxes = box_coder.decode(box_deltas, proposals)
+    boxes = boxes.reshape(num_images, num_proposals, box_deltas.shape[-1] // 4, 4)
     boxes = clip_boxes(boxes, image_sizes[:, None, None, :])
     boxes = boxes[:, :, 1:] if boxes.shape[2] > 1 else boxes.expand(-1, -1, num_classes, -1)
 

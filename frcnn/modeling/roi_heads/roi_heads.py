@@ -60,13 +60,17 @@ class ROIHeads(nn.Module):
                 self.smooth_l1_beta,
             )
             return {name: loss * self.loss_weight for name, loss in losses.items()}
-        class_logits, box_deltas = self._predict(features, proposals.boxes, images)
-        num_images, num_proposals = proposals.boxes.shape[:2]
+        # filled slots come first in every image: the box head skips the slots no image fills
+        # (inference only; the one host read here replaces up to K box-head rows of zeros)
+        num_slots = int(proposals.valid.sum(dim=1).max()) if proposals.valid.numel() else 0
+        boxes, valid = proposals.boxes[:, :num_slots], proposals.valid[:, :num_slots]
+        class_logits, box_deltas = self._predict(features, boxes, images)
+        num_images = boxes.shape[0]
         return postprocess_detections(
-            class_logits.reshape(num_images, num_proposals, -1),
-            box_deltas.reshape(num_images, num_proposals, -1),
-            proposals.boxes,
-            proposals.valid,
+            class_logits.reshape(num_images, num_slots, class_logits.shape[-1]),
+            box_deltas.reshape(num_images, num_slots, box_deltas.shape[-1]),
+            boxes,
+            valid,
             images.sizes_tensor(),
             self.postprocess,
             self.box_coder,

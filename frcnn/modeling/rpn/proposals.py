@@ -23,7 +23,8 @@ from frcnn.structures import BoxCoder, clip_boxes
 @dataclass
 class Proposals:
     """``boxes`` (N, K, 4) float32 in the padded batch's pixels, ``scores`` (N, K) objectness
-    probabilities in decreasing order, ``valid`` (N, K) mask of filled slots."""
+    probabilities in decreasing order, ``valid`` (N, K) mask of filled slots (an image's filled
+    slots come before its empty ones)."""
 
     boxes: Tensor
     scores: Tensor
