@@ -82,3 +82,24 @@ def test_bad_arguments_name_the_flag(argv: list[str], flag: str, capsys) -> None
         tool.parse_args(argv)
     assert error.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_scale_study_runs_every_point(tmp_path: Path) -> None:
+    out, table = tmp_path / "scale.json", tmp_path / "scale.md"
+    command = [sys.executable, str(ROOT / "tools" / "scale_study.py"), "--sizes", "64,96"]
+    command += ["--gt-boxes", "1,3", "--batches", "1", "--base-size", "64", "--base-gt", "2"]
+    command += ["--base-batch", "1", "--iters", "1", "--warmup", "0", "--no-memory"]
+    command += ["--json", str(out), "--markdown", str(table)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["axis"], r["value"]) for r in rows] == [
+        ("image size", 64),
+        ("image size", 96),
+        ("gt boxes", 1),
+        ("gt boxes", 3),
+        ("batch", 1),
+    ]
+    for row in rows:
+        assert row["step_frcnn"] > 0 and row["step_torchvision"] > 0
+    assert table.read_text().count("\n") == 2 + len(rows)
