@@ -111,3 +111,15 @@ def test_multi_level_pooling_reads_the_host_once(num_images: int) -> None:
     with count_host_syncs() as syncs:
         MultiScaleRoIAlign(names, 7, 2)(features, list(boxes.unbind(0)), [(128, 128)] * num_images)
     assert syncs.total >= len(names), syncs  # the reference reads every level's size
+
+
+def test_jobs_run_in_the_callers_grad_and_inference_modes(workers: int) -> None:
+    boxes = _boxes(4, 6, 64, seed=5)
+    feature = torch.randn(4, 3, 8, 8, requires_grad=True)
+    pooler = SingleLevelPooler("f", 7, "align", 2)
+    with torch.inference_mode():
+        pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
+    assert pooled.is_inference() and not pooled.requires_grad
+    pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
+    assert pooled.grad_fn is not None and pooled.grad_fn.name() == "_RoIAlignJobsBackward"
+    assert pooled.grad_fn.next_functions[-1][0].variable is feature  # nothing recorded between

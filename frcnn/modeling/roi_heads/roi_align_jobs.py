@@ -190,4 +190,13 @@ def _run(work: Callable[[int], object], count: int, device: torch.device) -> lis
     if _executor is None or _executor[0] != workers:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frcnn-roi-align")
         _executor = (workers, pool)
-    return list(_executor[1].map(work, range(count)))
+    # grad and inference modes are per thread: the workers take the caller's (grad is off inside
+    # an autograd Function; writing into an inference tensor needs inference mode)
+    grad_enabled = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+
+    def in_caller_modes(index: int) -> object:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+            return work(index)
+
+    return list(_executor[1].map(in_caller_modes, range(count)))
