@@ -97,7 +97,7 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     rpn = _build_rpn(cfg, head, anchors)
     is_fpn = cfg.backbone.name in FPN_BACKBONES
     roi_heads = _build_roi_heads(cfg, backbone, trunk_head, is_fpn)
-    return FasterRCNN(
+    model = FasterRCNN(
         backbone,
         rpn,
         roi_heads,
@@ -106,6 +106,9 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         cfg.size_divisibility,
         channels_last=cfg.channels_last,
     )
+    if cfg.compile:
+        model.compile_static_modules()
+    return model
 
 
 def _build_backbone(cfg: ModelConfig) -> tuple[nn.Module, nn.Module | None]:

@@ -91,6 +91,9 @@ class ModelConfig:
     # local frcnn checkpoint to start from (e.g. made by tools/convert_weights.py); "" = none
     weights: str = ""
     channels_last: bool = False
+    # torch.compile the backbone, RPN head and box head / predictor (not NMS, not sampling); the
+    # first steps pay the compile time, state_dict keys are unchanged
+    compile: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)

@@ -6,7 +6,8 @@ Shapes: N images; images arrive as a list of (3, Hi, Wi) tensors, uint8 in [0, 2
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,24 @@ class FasterRCNN(nn.Module):
         if original_sizes is not None:
             outputs = rescale_detections(outputs, image_list.image_sizes, original_sizes)
         return outputs
+
+    def compile_static_modules(self, backend: str | Callable[..., Any] = "inductor") -> None:
+        """torch.compile, in place, the compute-heavy modules whose input shapes repeat: the
+        backbone, the RPN head, the box head and predictor. Not the whole forward: NMS, sampling
+        and the host reads between the stages would break the graph at every call. A new input
+        size recompiles once, after which torch.compile treats that size as dynamic.
+
+        In place (nn.Module.compile) keeps the state_dict keys, so checkpoints load with the
+        switch on or off. ``backend`` is torch.compile's; tests pass a backend that only traces
+        ("eager") to skip code generation."""
+        heavy = (
+            self.backbone,
+            self.rpn.head,
+            self.roi_heads.box_head,
+            self.roi_heads.box_predictor,
+        )
+        for module in heavy:
+            module.compile(backend=backend)
 
     def preprocess(self, images: list[Tensor]) -> ImageList:
         normalized = []
