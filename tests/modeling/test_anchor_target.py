@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torchvision.ops import box_iou
 
 from frcnn.modeling.anchors import AnchorGenerator
 from frcnn.modeling.rpn import AnchorMatcher, anchor_targets, rpn_loss_box
+from frcnn.modeling.rpn.anchor_target import _max_and_first_argmax, grid_box_iou
 from frcnn.structures import IGNORE, NEGATIVE, POSITIVE, BoxCoder, Targets
 
 POS, NEG, IGN = POSITIVE, NEGATIVE, IGNORE
@@ -152,3 +155,131 @@ def test_a_thousand_ground_truth_boxes() -> None:
     assert torch.isfinite(matched).all()
     result = anchor_targets(anchors, [targets], [(512, 512)], AnchorMatcher(), BoxCoder())
     assert (result.labels == POSITIVE).sum() == 128
+
+
+# ------------------------------------------------------------------------- grid IoU, fast path
+# grid_box_iou must give torchvision's box_iou bit for bit: the best-anchor rule compares IoUs for
+# exact equality, so one rounding difference can move a tied positive.
+
+
+def _awkward_boxes(generator: torch.Generator, count: int, size: tuple[int, int]) -> torch.Tensor:
+    """Random boxes, some partly outside the image, plus zero-width, zero-height and point boxes
+    and a few copies of anchor-like boxes (exact ties)."""
+    height, width = size
+    low = torch.rand(count, 2, generator=generator) * torch.tensor([width, height]) - 20
+    extent = torch.rand(count, 2, generator=generator) * torch.tensor([width, height]) / 2
+    boxes = torch.cat([low, low + extent + 1], dim=1)
+    degenerate = torch.tensor(
+        [[30.0, 40.0, 30.0, 90.0], [10.0, 25.0, 60.0, 25.0], [50.0, 50.0, 50.0, 50.0]]
+    )
+    anchor_like = torch.tensor([[-8.0, -8.0, 8.0, 8.0], [24.0, 8.0, 56.0, 40.0]])
+    return torch.cat([boxes, degenerate, anchor_like])
+
+
+def _grid(generator: AnchorGenerator, image_size, feature_sizes) -> list[tuple[int, int, int]]:
+    per_location = generator.num_anchors_per_location
+    return [(h, w, a) for (h, w), a in zip(feature_sizes, per_location)]
+
+
+def test_grid_iou_equals_box_iou_on_one_level() -> None:
+    generator = AnchorGenerator([[16.0, 32.0, 64.0, 128.0]], [[0.5, 1.0, 2.0]])
+    image_size, feature_sizes = (256, 256), [(32, 32)]
+    anchors = generator(image_size, feature_sizes, torch.device("cpu"))
+    boxes = _awkward_boxes(torch.Generator().manual_seed(0), 60, image_size)
+    iou = grid_box_iou(anchors, boxes, _grid(generator, image_size, feature_sizes))
+    assert torch.equal(iou, box_iou(anchors, boxes))
+    assert torch.equal(iou, box_iou(boxes, anchors).T)  # the order AnchorMatcher used to take
+    assert (iou == 1).any() and (iou == 0).any()  # the exact cases are really exercised
+
+
+def test_grid_iou_equals_box_iou_on_fpn_levels_of_a_padded_image() -> None:
+    generator = AnchorGenerator([[32.0], [64.0], [128.0], [256.0], [512.0]], [[0.5, 1.0, 2.0]])
+    # non-square, and strides that do not divide the padded size (torchvision's floor rule)
+    image_size = (200, 328)
+    feature_sizes = [(50, 82), (25, 41), (13, 21), (7, 11), (4, 6)]
+    anchors = generator(image_size, feature_sizes, torch.device("cpu"))
+    grid = _grid(generator, image_size, feature_sizes)
+    for seed in range(3):
+        boxes = _awkward_boxes(torch.Generator().manual_seed(seed), 40, image_size)
+        iou = grid_box_iou(anchors, boxes, grid)
+        assert torch.equal(iou, box_iou(anchors, boxes))
+    # the scratch and output tensors AnchorMatcher passes give the same result
+    out, scratch = torch.full((2, anchors.shape[0], boxes.shape[0]), float("nan"))
+    assert grid_box_iou(anchors, boxes, grid, out=out, scratch=scratch) is out
+    assert torch.equal(out, box_iou(anchors, boxes))
+
+
+def test_grid_iou_rejects_grid_sizes_that_do_not_describe_the_anchors() -> None:
+    generator = AnchorGenerator([[32.0]], [[0.5, 1.0, 2.0]])
+    anchors = generator((64, 64), [(4, 4)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="describe 36 anchors, not 48"):
+        grid_box_iou(anchors, torch.tensor([[0.0, 0.0, 8.0, 8.0]]), [(3, 4, 3)])
+
+
+def test_max_and_first_argmax_equal_torch_max_with_ties_and_nan() -> None:
+    g = torch.Generator().manual_seed(0)
+    iou = (torch.randint(0, 4, (200, 7), generator=g) / 4).float()  # many tied maxima
+    iou[:, 3] = -1.0  # a masked (crowd) column
+    iou[5, 2] = float("nan")  # torch.max takes the first NaN of a row
+    iou[6, [1, 4]] = float("nan")
+    iou[7] = 0.0  # overlaps nothing
+    expected_max, expected_index = iou.max(dim=1)
+    max_iou, index = _max_and_first_argmax(iou, torch.empty_like(iou))
+    assert torch.equal(max_iou.isnan(), expected_max.isnan())
+    assert torch.equal(max_iou.nan_to_num(-9.0), expected_max.nan_to_num(-9.0))
+    assert torch.equal(index, expected_index)
+    assert index[5] == 2 and index[6] == 1
+
+
+def test_tied_anchor_matches_the_first_box() -> None:
+    # the anchor has IoU 0.5 with both boxes; as with torch.max, the first one is its match
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    gt = _targets([[0, -10, 10, 10], [0, 0, 10, 20]])
+    labels, matched = AnchorMatcher()(anchors, gt, IMAGE)
+    assert labels.tolist() == [POS]
+    assert matched.tolist() == [[0.0, -10.0, 10.0, 10.0]]
+
+
+@pytest.mark.parametrize(
+    "matcher",
+    [
+        AnchorMatcher(),
+        AnchorMatcher(allowed_border=0.0, clobber_positives=True),
+        AnchorMatcher(fg_iou_thresh=0.5, bg_iou_thresh=0.4, allowed_border=8.0),
+    ],
+)
+def test_anchor_targets_with_grid_sizes_equal_without(matcher: AnchorMatcher) -> None:
+    anchor_generator = AnchorGenerator([[24.0, 48.0], [64.0], [128.0]], [[0.5, 1.0, 2.0]])
+    padded, feature_sizes = (96, 160), [(24, 40), (12, 20), (6, 10)]
+    anchors = anchor_generator(padded, feature_sizes, torch.device("cpu"))
+    grid = _grid(anchor_generator, padded, feature_sizes)
+    g = torch.Generator().manual_seed(1)
+    sizes = [(96, 160), (80, 150), (96, 120), (90, 160)]
+    crowd_boxes = torch.cat([_awkward_boxes(g, 5, sizes[2]), torch.tensor([[0.0, 0.0, 60, 50]])])
+    targets = [
+        Targets(_awkward_boxes(g, 25, sizes[0]), torch.ones(30, dtype=torch.int64)),
+        Targets.empty(),
+        Targets(
+            crowd_boxes,
+            torch.ones(11, dtype=torch.int64),
+            torch.tensor([False] * 7 + [True, False, False, True]),
+        ),
+        _targets([[10, 20, 40, 44]]),
+    ]
+
+    def run(grid_sizes):
+        sampling = torch.Generator().manual_seed(2)
+        return anchor_targets(
+            anchors, targets, sizes, matcher, BoxCoder(), 64, 0.5, sampling, grid_sizes
+        )
+
+    fast, reference = run(grid), run(None)
+    assert torch.equal(fast.labels, reference.labels)
+    assert torch.equal(fast.box_targets, reference.box_targets)
+    assert (fast.labels == POSITIVE).sum(dim=1).tolist()[1] == 0
+    assert ((fast.labels == POSITIVE).sum(dim=1) > 0).sum() == 3
+    # and the per-image matcher agrees with the batched one
+    for target, size, labels in zip(targets, sizes, fast.labels):
+        alone, _ = matcher(anchors, target, size, grid)
+        assert torch.equal(alone, matcher(anchors, target, size)[0])
+        assert ((alone == POSITIVE) | ~(labels == POSITIVE)).all()

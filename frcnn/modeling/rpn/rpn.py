@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from frcnn.modeling.anchors import AnchorGenerator
-from frcnn.modeling.rpn.anchor_target import AnchorMatcher, anchor_targets
+from frcnn.modeling.rpn.anchor_target import AnchorMatcher, GridSizes, anchor_targets
 from frcnn.modeling.rpn.head import RPNHead, objectness_logit
 from frcnn.modeling.rpn.loss import rpn_losses
 from frcnn.modeling.rpn.proposals import Proposals, ProposalSettings, generate_proposals
@@ -70,7 +70,11 @@ class RPN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the RPN needs targets in training mode")
-            losses = self.losses(anchors, logits, deltas, targets, images.image_sizes)
+            grid_sizes = [
+                (h, w, a)
+                for (h, w), a in zip(feature_sizes, self.anchor_generator.num_anchors_per_location)
+            ]
+            losses = self.losses(anchors, logits, deltas, targets, images.image_sizes, grid_sizes)
         return proposals, losses
 
     def losses(
@@ -80,6 +84,7 @@ class RPN(nn.Module):
         deltas: Tensor,
         targets: list[Targets],
         image_sizes: list[tuple[int, int]],
+        grid_sizes: GridSizes | None = None,
     ) -> dict[str, Tensor]:
         with torch.no_grad():
             anchor_target = anchor_targets(
@@ -90,6 +95,7 @@ class RPN(nn.Module):
                 self.box_coder,
                 self.batch_size_per_image,
                 self.positive_fraction,
+                grid_sizes=grid_sizes,
             )
         losses = rpn_losses(
             logits, deltas, anchor_target.labels, anchor_target.box_targets, self.smooth_l1_beta
