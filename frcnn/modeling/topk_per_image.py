@@ -1,7 +1,8 @@
-"""One NMS over the whole batch, then the first k surviving boxes of every image.
+"""NMS over the whole batch, groups keyed by image and level (or image and class), then the
+first k surviving boxes of every image.
 
-Shapes: B candidate boxes (all images together), N images, M boxes kept by NMS (in decreasing
-score), k slots per image.
+Shapes: N images, B candidate boxes (all images together, image-major), M boxes kept by NMS, k
+slots per image.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
+
+from frcnn.modeling import parallel
 
 
 def nms_per_group(
@@ -19,37 +22,58 @@ def nms_per_group(
     iou_thresh: float,
     one_call: bool = True,
 ) -> Tensor:
-    """Indices into the B candidates kept by NMS run separately within each group (image and
-    level, or image and class), in decreasing score. ``boxes`` (..., 4), ``scores``, ``groups``
-    and ``usable`` (...) flatten to B.
+    """Indices into the B candidates kept by NMS run separately within each group, each image's
+    in decreasing score. ``boxes`` (N, ..., 4), ``scores``, ``groups`` and ``usable`` (N, ...);
+    unusable candidates (too small, under the score threshold, empty slots) are left out.
 
-    One NMS call serves every group: each group's boxes are shifted along the diagonal by a
-    multiple of the coordinate span, so that boxes of different groups never overlap. That keeps
-    the host reads per call at two (the candidate count below, and NMS's own result) however many
-    images and levels or classes there are; torchvision's batched_nms instead loops over the
-    groups above 4000 boxes on CPU (20000 on CUDA), reading every group's size on the host.
+    The images are split into one range per worker (one on an accelerator, one per CPU thread,
+    see frcnn/modeling/parallel.py), and each range takes one NMS call: its groups' boxes are
+    shifted apart along the diagonal, by a multiple of the coordinate span, so that boxes of
+    different groups never overlap. The host reads per range are two (the candidate count and
+    NMS's result) however many images, levels or classes the range holds. torchvision's
+    batched_nms instead loops over the groups above 4000 boxes on CPU (20000 on CUDA) with a read
+    per group, and its detector calls it once per image. A range per CPU thread both uses the
+    cores and bounds the quadratic cost of the CPU kernel, which compares every kept box with every
+    later box of its call, groups or not.
 
-    Unusable candidates (too small, under the score threshold, empty slots) are dropped first:
-    left in, they would suppress nothing but cost NMS quadratic time.
-
-    ``one_call=False`` hands the groups to torchvision's batched_nms instead. The CPU kernel of
-    NMS compares every kept box with every later box of the call, groups or not, so one call over
-    many well-populated groups (detections: images x classes) costs far more than a call per
-    group there, while a host read costs nothing on a CPU.
+    ``one_call=False`` hands each range's groups to torchvision's batched_nms instead: better on
+    a CPU when the groups are many and well populated (detections: images x classes).
     """
-    candidates = torch.nonzero(usable.reshape(-1)).squeeze(1)
+    num_images = usable.shape[0]
+    per_image = usable[0].numel() if num_images else 0
+    boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
+    groups, usable = groups.reshape(-1), usable.reshape(-1)
+    ranges = parallel.image_ranges(num_images, parallel.num_workers(usable.device))
+
+    def nms_one_range(index: int) -> Tensor:
+        first, end = (bound * per_image for bound in ranges[index])
+        candidates = torch.nonzero(usable[first:end]).squeeze(1) + first
+        return candidates[_nms(boxes, scores, groups, candidates, iou_thresh, one_call)]
+
+    kept = parallel.run_jobs(nms_one_range, len(ranges), usable.device)
+    return torch.cat(kept) if kept else usable.new_zeros(0, dtype=torch.int64)
+
+
+def _nms(
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+    candidates: Tensor,
+    iou_thresh: float,
+    one_call: bool,
+) -> Tensor:
+    """Indices into ``candidates`` kept by NMS within each group."""
     # float64: the shift is up to (number of groups) x (coordinate span), and in float32 its
-    # rounding would let one image's result depend on the others in the batch
-    boxes = boxes.reshape(-1, 4)[candidates].double()
-    groups = groups.reshape(-1)[candidates]
-    scores = scores.reshape(-1)[candidates].double()
+    # rounding would let one image's result depend on the others in its range
+    boxes = boxes[candidates].double()
+    scores = scores[candidates].double()
+    groups = groups[candidates]
     if not one_call:
-        return candidates[batched_nms(boxes, scores, groups, iou_thresh)]
+        return batched_nms(boxes, scores, groups, iou_thresh)
     low = boxes.amin() if boxes.numel() else boxes.new_zeros(())
     high = boxes.amax() if boxes.numel() else boxes.new_zeros(())
     shift = groups.double() * (high - low + 1.0)
-    kept = nms(boxes - low + shift[:, None], scores, iou_thresh)
-    return candidates[kept]
+    return nms(boxes - low + shift[:, None], scores, iou_thresh)
 
 
 def scatter_top_per_image(

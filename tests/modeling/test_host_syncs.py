@@ -1,8 +1,9 @@
 """Host synchronisations in one training step (forward, backward): counted, not timed.
 
-frcnn reads the host for the candidate count and the result of its one NMS over the whole batch,
-and with FPN levels once more for the RoI pooler's per-level counts. The count must not grow with
-the batch or the number of levels, and must stay below torchvision's FasterRCNN on the same step.
+frcnn reads the host for the candidate count and the result of each NMS call, one call per
+worker's range of images (one on an accelerator, one per thread on a CPU), and with FPN levels
+once more for the RoI pooler's per-level counts. The count must not grow with the batch or the
+number of levels, and must stay below torchvision's FasterRCNN on the same step.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from torchvision.ops import MultiScaleRoIAlign
 from frcnn.build import build_model
 from frcnn.config import AnchorConfig, BackboneConfig, ModelConfig, ROIHeadsConfig, RPNConfig
 from frcnn.engine.sync_count import HostSyncCount, count_host_syncs
+from frcnn.modeling import parallel
 from frcnn.modeling.backbones import small_backbone
 from frcnn.structures import Targets
 
 SIZE = 64
-NMS = {"aten.nonzero": 1, "torchvision.nms": 1}  # the one NMS: its candidates, its result
-EXPECTED = {"small": NMS, "resnet18_fpn": {**NMS, "Tensor.tolist": 1}}  # + the pooler's counts
+
+
+def _expected(backbone: str, workers: int) -> dict[str, int]:
+    """One NMS call per worker's range of images: its candidates and its result are read; with FPN
+    levels the RoI pooler reads its per-level counts once."""
+    expected = {"aten.nonzero": workers, "torchvision.nms": workers}
+    if backbone.endswith("fpn"):
+        expected["Tensor.tolist"] = 1
+    return expected
 
 
 def _config(backbone: str) -> ModelConfig:
@@ -60,13 +69,18 @@ def _count(model: torch.nn.Module, images: list, targets: list) -> HostSyncCount
     return syncs
 
 
-@pytest.mark.parametrize("backbone", sorted(EXPECTED))
-def test_training_step_syncs_stay_the_same_as_the_batch_grows(backbone: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["accelerator", "2-thread-cpu"])
+@pytest.mark.parametrize("backbone", ["small", "resnet18_fpn"])
+def test_training_step_syncs_stay_the_same_as_the_batch_grows(
+    backbone: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one job at a time is what an accelerator runs; a CPU runs one per thread
+    monkeypatch.setattr(parallel, "num_workers", lambda device: workers)
     torch.manual_seed(0)
     model = build_model(_config(backbone))
-    counts = {n: _count(model, *_batch(n)) for n in (1, 2, 8)}
-    for num_images, syncs in counts.items():
-        assert dict(syncs.by_call) == EXPECTED[backbone], (num_images, syncs)
+    for num_images in (workers, 2, 8):  # 8 images: > 4000 NMS candidates
+        syncs = _count(model, *_batch(num_images))
+        assert dict(syncs.by_call) == _expected(backbone, workers), (num_images, syncs)
 
 
 def _torchvision_twin() -> TorchvisionFasterRCNN:

@@ -10,8 +10,8 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from frcnn.engine.sync_count import count_host_syncs
+from frcnn.modeling import parallel
 from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
-from frcnn.modeling.roi_heads import roi_align_jobs as jobs_module
 from frcnn.modeling.roi_heads.roi_align_jobs import RoIJob, split_jobs
 
 
@@ -27,10 +27,7 @@ def _boxes(num_images: int, per_image: int, size: int, seed: int) -> torch.Tenso
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda w: f"{w}-workers")
 def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(jobs_module, "num_workers", lambda device: request.param)
-    import frcnn.modeling.roi_heads.poolers as poolers
-
-    monkeypatch.setattr(poolers, "num_workers", lambda device: request.param)
+    monkeypatch.setattr(parallel, "num_workers", lambda device: request.param)
     return request.param
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from frcnn.modeling.roi_heads.roi_align_jobs import num_workers, roi_align_jobs, split_jobs
+from frcnn.modeling import parallel
+from frcnn.modeling.roi_heads.roi_align_jobs import roi_align_jobs, split_jobs
 
 
 class SingleLevelPooler(nn.Module):
@@ -57,7 +58,7 @@ class SingleLevelPooler(nn.Module):
         if self.kind == "pool":
             return roi_pool(feature, rois, self.output_size, scale)
         num_images, per_image = boxes.shape[:2]
-        jobs = split_jobs([[per_image] * num_images], num_workers(feature.device))
+        jobs = split_jobs([[per_image] * num_images], parallel.num_workers(feature.device))
         return roi_align_jobs(
             [feature],
             [scale],
@@ -112,7 +113,7 @@ class MultiLevelPooler(nn.Module):
         counts = torch.zeros(num_levels * num_images, dtype=torch.int64, device=boxes.device)
         counts = counts.scatter_add_(0, key, torch.ones_like(key)).tolist()  # the one host read
         per_level = [counts[i * num_images : (i + 1) * num_images] for i in range(num_levels)]
-        jobs = split_jobs(per_level, num_workers(boxes.device))
+        jobs = split_jobs(per_level, parallel.num_workers(boxes.device))
         rois = _to_rois(boxes)
         return roi_align_jobs(
             maps, scales, rois, order, jobs, self.output_size, self.sampling_ratio, False

@@ -7,8 +7,7 @@ bilinear weights for each channel) was a third of a quick-start training step. T
 different images touch different slices of a feature map, so the batch splits into jobs, each a
 range of images on one level: a job pools from ``feature[first_image:end_image]`` with its RoIs'
 image indices shifted to match, and in the backward it owns that slice of the gradient. The jobs
-run on a thread pool of ``torch.get_num_threads()`` workers (the kernels release the GIL); on
-other devices they run one after another, as a kernel there is parallel already.
+run on a thread pool on a CPU (frcnn/modeling/parallel.py); on other devices one after another.
 
 Every RoI is pooled by the same kernel with the same arguments, and every image's gradient is
 accumulated over its RoIs in their original order, so the results are bitwise those of one
@@ -18,15 +17,14 @@ accumulated over its RoIs in their original order, so the results are bitwise th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-_executor: tuple[int, ThreadPoolExecutor] | None = None
+from frcnn.modeling.parallel import run_jobs
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ class _RoIAlignJobs(torch.autograd.Function):
             )
             _put(output, rows[index], pooled)  # jobs own disjoint rows
 
-        _run(pool, len(jobs), maps[0].device)
+        run_jobs(pool, len(jobs), maps[0].device)
         ctx.settings = settings
         ctx.rows = rows
         ctx.job_rois = job_rois
@@ -144,7 +142,7 @@ class _RoIAlignJobs(torch.autograd.Function):
             )
             grads[job.level][job.first_image : job.end_image].copy_(grad)
 
-        _run(backward_one, len(jobs), grad_output.device)
+        run_jobs(backward_one, len(jobs), grad_output.device)
         feature_grads = [
             grad.to(dtype) if needed else None
             for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[3:])
@@ -175,28 +173,3 @@ def _shift_images(rois: Tensor, first_image: int) -> Tensor:
     shifted = rois.clone()
     shifted[:, 0] -= first_image
     return shifted
-
-
-def num_workers(device: torch.device) -> int:
-    """How many jobs run at once on ``device``."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
-
-
-def _run(work: Callable[[int], object], count: int, device: torch.device) -> list:
-    workers = num_workers(device)
-    if workers < 2 or count < 2:
-        return [work(index) for index in range(count)]
-    global _executor
-    if _executor is None or _executor[0] != workers:
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frcnn-roi-align")
-        _executor = (workers, pool)
-    # grad and inference modes are per thread: the workers take the caller's (grad is off inside
-    # an autograd Function; writing into an inference tensor needs inference mode)
-    grad_enabled = torch.is_grad_enabled()
-    inference = torch.is_inference_mode_enabled()
-
-    def in_caller_modes(index: int) -> object:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
-            return work(index)
-
-    return list(_executor[1].map(in_caller_modes, range(count)))

@@ -1,0 +1,60 @@
+"""The job runner: results in order, the caller's modes in the workers, instrumentation seen."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from frcnn.engine.sync_count import count_host_syncs
+from frcnn.modeling import parallel
+
+CPU = torch.device("cpu")
+
+
+def test_image_ranges_are_contiguous_and_balanced() -> None:
+    assert parallel.image_ranges(8, 2) == [(0, 4), (4, 8)]
+    assert parallel.image_ranges(5, 2) == [(0, 2), (2, 5)]
+    assert parallel.image_ranges(1, 4) == [(0, 1)]
+    assert parallel.image_ranges(0, 2) == [(0, 0)]
+    for images in range(1, 12):
+        for chunks in range(1, 6):
+            ranges = parallel.image_ranges(images, chunks)
+            assert ranges[0][0] == 0 and ranges[-1][1] == images
+            assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))
+            sizes = [end - start for start, end in ranges]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+@pytest.fixture
+def two_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "num_workers", lambda device: 2)
+
+
+def test_jobs_run_on_worker_threads_in_order(two_workers: None) -> None:
+    names = parallel.run_jobs(lambda i: (i, threading.current_thread().name), 6, CPU)
+    assert [i for i, _ in names] == list(range(6))
+    assert all(name.startswith("frcnn-jobs") for _, name in names)
+
+
+def test_workers_take_the_callers_grad_and_inference_modes(two_workers: None) -> None:
+    def modes(_: int) -> tuple[bool, bool]:
+        return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    with torch.no_grad():
+        assert parallel.run_jobs(modes, 2, CPU) == [(False, False)] * 2
+    with torch.inference_mode():
+        assert parallel.run_jobs(modes, 2, CPU) == [(False, True)] * 2
+    assert parallel.run_jobs(modes, 2, CPU) == [(True, False)] * 2
+
+
+def test_an_active_mode_sees_the_jobs(two_workers: None) -> None:
+    def job(_: int) -> str:
+        torch.nonzero(torch.ones(3))
+        return threading.current_thread().name
+
+    with count_host_syncs() as syncs:
+        names = parallel.run_jobs(job, 4, CPU)
+    assert syncs.by_call == {"aten.nonzero": 4}
+    assert set(names) == {threading.current_thread().name}
