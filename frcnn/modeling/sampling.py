@@ -20,26 +20,27 @@ def subsample_labels(
     fill the rest of the batch with random negatives.
 
     ``positive`` and ``negative`` are disjoint (N, R) masks; returns the (N, R) masks of the chosen
-    ones. Counts stay on the device: each candidate gets a random key offset by its kind
-    (positives [0, 1), negatives [2, 3), others [4, 5)), one sort ranks them all, and a candidate is
-    kept when its rank within its kind is below that kind's quota.
+    ones. Counts stay on the device, and no full sort is needed: every candidate gets a random
+    key, and the chosen ones of a kind are the ``count`` smallest keys of that kind in their row,
+    read off a top-k as long as the most that can be taken (``batch_size_per_image *
+    positive_fraction`` positives, ``batch_size_per_image`` negatives). The smallest keys of a
+    random draw are a uniformly random subset.
     """
     num_images, num_candidates = positive.shape
-    num_pos_available = positive.sum(dim=1)
-    num_neg_available = negative.sum(dim=1)
-    num_pos = num_pos_available.clamp(max=int(batch_size_per_image * positive_fraction))
-    num_neg = torch.minimum(batch_size_per_image - num_pos, num_neg_available)
-
+    max_pos = int(batch_size_per_image * positive_fraction)
+    num_pos = positive.sum(dim=1).clamp(max=max_pos)
+    num_neg = torch.minimum(batch_size_per_image - num_pos, negative.sum(dim=1))
     keys = torch.rand((num_images, num_candidates), generator=generator, device=positive.device)
-    keys = keys + 2.0 * (~positive) + 2.0 * (~positive & ~negative)
-    rank = _rank_along_rows(keys)
-    chosen_pos = positive & (rank < num_pos[:, None])
-    chosen_neg = negative & (rank - num_pos_available[:, None] < num_neg[:, None])
+    chosen_pos = _smallest_keys(keys, positive, num_pos, max_pos)
+    chosen_neg = _smallest_keys(keys, negative, num_neg, batch_size_per_image)
     return chosen_pos, chosen_neg
 
 
-def _rank_along_rows(keys: Tensor) -> Tensor:
-    """Position of every element in its row's ascending order: (N, R) -> (N, R) int64."""
-    order = keys.argsort(dim=1)
-    positions = torch.arange(keys.shape[1], device=keys.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+def _smallest_keys(keys: Tensor, members: Tensor, count: Tensor, max_count: int) -> Tensor:
+    """(N, R) mask of the ``count[i]`` members of row i with the smallest keys (keys in [0, 1),
+    ``count[i]`` at most the row's members and ``max_count``)."""
+    k = min(max_count, keys.shape[1])
+    # (N, R) -> (N, k): non-members (key 2) rank after every member
+    _, index = keys.masked_fill(~members, 2.0).topk(k, dim=1, largest=False, sorted=True)
+    taken = torch.arange(k, device=keys.device)[None, :] < count[:, None]
+    return torch.zeros_like(members).scatter_(1, index, taken)
