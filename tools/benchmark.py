@@ -520,22 +520,41 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM: the peak RSS of this process image. (ru_maxrss would not do: Linux carries it over
+    exec from the forked parent, so a child of a large benchmark process reports the parent's.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0; elsewhere the peak keeps the
+    build's, which can only overstate the step's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def memory_only(args: argparse.Namespace, side: str) -> None:
-    """Run in a fresh process: peak RSS (MB) of one side's training steps over the RSS between
-    steps, after a first step. ru_maxrss is monotonic and process-wide, hence one process per
-    side."""
+    """Run in a fresh process: the peak RSS (MB) of one side's training steps (1 + warm-up) over
+    the RSS with its model and inputs built: activations, gradients, optimizer state and the
+    allocator's and kernel libraries' caches. One process per side, so that neither sees the
+    other's memory."""
     device = pick_device(args.device)
     ours, theirs = build_pair(args, device)
     inputs = make_inputs(args, ours.roi_heads.box_predictor.cls_score.out_features - 1, device)
     step = train_steps(ours, theirs, inputs, device, args.amp)[side]
-    del ours, theirs
-    step()  # first-call costs (kernel libraries, autograd engine) are not the step's memory
+    del ours, theirs  # the step keeps its own model
     gc.collect()
     baseline = _rss_mb()
-    for _ in range(max(args.warmup, 1)):
+    _reset_peak_rss()
+    for _ in range(1 + args.warmup):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mb": peak - baseline}))
+    print(json.dumps({"peak_mb": _peak_rss_mb() - baseline}))
 
 
 def measure_memory(
