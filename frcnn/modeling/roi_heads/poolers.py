@@ -124,8 +124,8 @@ class MultiLevelPooler(nn.Module):
         k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         size = torch.sqrt(area)
-        eps = torch.tensor(1e-6, dtype=size.dtype, device=size.device)
-        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + eps)
+        # + 1e-6 in the boxes' dtype, as LevelMapper adds it (a Python float needs no device copy)
+        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + 1e-6)
         return torch.clamp(level, min=k_min, max=k_max).to(torch.int64) - k_min
 
 
