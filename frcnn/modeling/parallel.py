@@ -4,6 +4,8 @@ GIL. On other devices a kernel is parallel already, and the jobs run one after a
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -12,6 +14,17 @@ import torch
 
 T = TypeVar("T")
 _executor: tuple[int, ThreadPoolExecutor] | None = None
+_executor_lock = threading.Lock()
+_in_worker = threading.local()
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads are gone: start a new pool there when needed."""
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def num_workers(device: torch.device) -> int:
@@ -29,22 +42,32 @@ def image_ranges(num_images: int, num_chunks: int) -> list[tuple[int, int]]:
 def run_jobs(work: Callable[[int], T], count: int, device: torch.device) -> list[T]:
     """``[work(0), ..., work(count - 1)]``, on ``num_workers(device)`` threads at once."""
     workers = num_workers(device)
-    if workers < 2 or count < 2 or _instrumented():
+    nested = getattr(_in_worker, "active", False)  # a job's own jobs run in its thread
+    if workers < 2 or count < 2 or nested or _instrumented():
         return [work(index) for index in range(count)]
-    global _executor
-    if _executor is None or _executor[0] != workers:
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frcnn-jobs")
-        _executor = (workers, pool)
+    pool = _pool(workers)
     # grad and inference modes are per thread: the workers take the caller's (grad is off inside
     # an autograd Function; writing into an inference tensor needs inference mode)
     grad_enabled = torch.is_grad_enabled()
     inference = torch.is_inference_mode_enabled()
 
     def in_caller_modes(index: int) -> T:
+        _in_worker.active = True
         with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
             return work(index)
 
-    return list(_executor[1].map(in_caller_modes, range(count)))
+    return list(pool.map(in_caller_modes, range(count)))
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None or _executor[0] != workers:
+            if _executor is not None:
+                _executor[1].shutdown(wait=False)
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frcnn-jobs")
+            _executor = (workers, pool)
+        return _executor[1]
 
 
 def _instrumented() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
@@ -58,3 +59,24 @@ def test_an_active_mode_sees_the_jobs(two_workers: None) -> None:
         names = parallel.run_jobs(job, 4, CPU)
     assert syncs.by_call == {"aten.nonzero": 4}
     assert set(names) == {threading.current_thread().name}
+
+
+def test_a_job_running_jobs_does_not_wait_for_the_pool(two_workers: None) -> None:
+    def outer(index: int) -> list[int]:
+        return parallel.run_jobs(lambda inner: 10 * index + inner, 3, CPU)
+
+    assert parallel.run_jobs(outer, 4, CPU) == [[10 * i + j for j in range(3)] for i in range(4)]
+
+
+def _jobs_in_child() -> None:
+    assert parallel.run_jobs(lambda i: i * i, 4, CPU) == [0, 1, 4, 9]
+
+
+def test_a_forked_child_gets_a_pool_of_its_own(two_workers: None) -> None:
+    parallel.run_jobs(lambda i: i, 4, CPU)  # the parent's pool has live threads now
+    child = multiprocessing.get_context("fork").Process(target=_jobs_in_child)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0

@@ -120,3 +120,33 @@ def test_jobs_run_in_the_callers_grad_and_inference_modes(workers: int) -> None:
     pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
     assert pooled.grad_fn is not None and pooled.grad_fn.name() == "_RoIAlignJobsBackward"
     assert pooled.grad_fn.next_functions[-1][0].variable is feature  # nothing recorded between
+
+
+def test_float64_features_pool_in_float64(workers: int) -> None:
+    boxes = _boxes(2, 5, 64, seed=6).double()
+    feature = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    reference = feature.detach().clone().requires_grad_(True)
+    pooled = SingleLevelPooler("f", 7, "align", 2)(OrderedDict(f=feature), boxes, [], (64, 64))
+    rois = torch.cat([torch.arange(2.0).repeat_interleave(5)[:, None], boxes.reshape(-1, 4)], 1)
+    expected = roi_align(reference, rois.double(), 7, 0.125, 2)
+    assert pooled.dtype == torch.float64 and torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    pooled.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(feature.grad, reference.grad)
+
+
+def test_a_nan_box_does_not_break_multi_level_pooling(workers: int) -> None:
+    names = ["0", "1"]
+    features = OrderedDict((n, torch.randn(2, 2, 16 >> i, 16 >> i)) for i, n in enumerate(names))
+    boxes = _boxes(2, 4, 60, seed=7)
+    boxes[1, 2] = float("nan")
+    pooled = MultiLevelPooler(names, 7, 2)(features, boxes, [(64, 64)] * 2, (64, 64))
+    assert pooled.shape == (8, 2, 7, 7)
+    finite = torch.ones(8, dtype=torch.bool)
+    finite[6] = False
+    safe = boxes.clone()
+    safe[1, 2] = 0.0  # torchvision's pooler with the NaN box relies on undefined casts
+    expected = MultiScaleRoIAlign(names, 7, 2)(features, list(safe.unbind(0)), [(64, 64)] * 2)
+    assert torch.equal(pooled[finite], expected[finite])
+    assert torch.equal(pooled[6], torch.zeros(2, 7, 7))

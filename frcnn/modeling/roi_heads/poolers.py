@@ -106,17 +106,30 @@ class MultiLevelPooler(nn.Module):
         scales = [2.0 ** round(math.log2(m.shape[-2] / largest)) for m in maps]
         num_images, per_image = boxes.shape[:2]
         num_levels = len(maps)
-        levels = self._levels(boxes.reshape(-1, 4), scales)  # (N*S,)
+        flat = boxes.reshape(-1, 4)
+        # a non-finite box (diverged ground truth) is not pooled and keeps a zero row, as in
+        # MultiScaleRoIAlign (torchvision's kernel would read out of bounds with it)
+        levels = torch.where(
+            torch.isfinite(flat).all(dim=1), self._levels(flat, scales), num_levels
+        )  # (N*S,) in [0, L], L = not pooled
         images = torch.arange(num_images, device=boxes.device)[:, None].expand(-1, per_image)
         key = levels * num_images + images.reshape(-1)
         order = torch.argsort(key, stable=True)  # (level, image), each image's RoIs in order
-        counts = torch.zeros(num_levels * num_images, dtype=torch.int64, device=boxes.device)
+        counts = torch.zeros((num_levels + 1) * num_images, dtype=torch.int64, device=boxes.device)
         counts = counts.scatter_add_(0, key, torch.ones_like(key)).tolist()  # the one host read
         per_level = [counts[i * num_images : (i + 1) * num_images] for i in range(num_levels)]
         jobs = split_jobs(per_level, parallel.num_workers(boxes.device))
-        rois = _to_rois(boxes)
+        not_pooled = sum(counts[num_levels * num_images :])
         return roi_align_jobs(
-            maps, scales, rois, order, jobs, self.output_size, self.sampling_ratio, False
+            maps,
+            scales,
+            _to_rois(boxes),
+            order,
+            jobs,
+            self.output_size,
+            self.sampling_ratio,
+            False,
+            zero_fill=not_pooled > 0,
         )
 
     def _levels(self, boxes: Tensor, scales: list[float]) -> Tensor:
@@ -126,6 +139,7 @@ class MultiLevelPooler(nn.Module):
         size = torch.sqrt(area)
         # + 1e-6 in the boxes' dtype, as LevelMapper adds it (a Python float needs no device copy)
         level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + 1e-6)
+        level = torch.nan_to_num(level, nan=float(k_min))  # NaN boxes: see forward
         return torch.clamp(level, min=k_min, max=k_max).to(torch.int64) - k_min
 
 

@@ -67,12 +67,14 @@ def roi_align_jobs(
     output_size: int,
     sampling_ratio: int,
     aligned: bool,
+    zero_fill: bool = False,
 ) -> Tensor:
     """Pool ``rois`` (M, 5) rows of (image index, x1, y1, x2, y2) from ``features`` (one
     (N, Ch, Hl, Wl) map per level) -> (M, Ch, P, P), in the order of ``rois``. ``jobs`` index the
     RoIs sorted by (level, image): ``rois[order]``, or ``rois`` itself when ``order`` is None.
-    Differentiable with respect to the features."""
-    settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned)
+    ``zero_fill``: some RoIs are in no job, and their rows are zeros. Differentiable with respect
+    to the features."""
+    settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned, zero_fill)
     return _RoIAlignJobs.apply(rois, order, settings, *features)
 
 
@@ -85,16 +87,19 @@ class _RoIAlignJobs(torch.autograd.Function):
         settings: tuple,
         *features: Tensor,
     ) -> Tensor:
-        scales, jobs, size, sampling_ratio, aligned = settings
+        scales, jobs, size, sampling_ratio, aligned, zero_fill = settings
         dtype = features[0].dtype
-        # torchvision's autocast rule for RoIAlign: compute in float32, return the input's dtype
-        maps = [feature.float() for feature in features]
+        # torchvision's autocast rule for RoIAlign: compute in float32 (or float64 if given),
+        # return the input's dtype
+        compute = torch.promote_types(dtype, torch.float32)
+        maps = [feature.to(compute) for feature in features]
         rows = [_rows(order, job) for job in jobs]  # each job's rows of rois and of the output
         job_rois = [
-            _shift_images(_take(rois, where).float(), job.first_image)
+            _shift_images(_take(rois, where).to(compute), job.first_image)
             for job, where in zip(jobs, rows)
         ]
-        output = maps[0].new_empty((rois.shape[0], maps[0].shape[1], size, size))
+        output_shape = (rois.shape[0], maps[0].shape[1], size, size)
+        output = maps[0].new_zeros(output_shape) if zero_fill else maps[0].new_empty(output_shape)
 
         def pool(index: int) -> None:
             job = jobs[index]
@@ -120,8 +125,8 @@ class _RoIAlignJobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple:  # noqa: ANN001
-        scales, jobs, size, sampling_ratio, aligned = ctx.settings
-        grad_output = grad_output.float()
+        scales, jobs, size, sampling_ratio, aligned, _ = ctx.settings
+        grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
         grads = [grad_output.new_zeros(shape) for shape in ctx.shapes]
 
         def backward_one(index: int) -> None:
