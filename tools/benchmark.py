@@ -362,22 +362,15 @@ def stage_steps(
     num_images = len(inputs.images_uint8)
     objectness, deltas = logits.reshape(num_images, -1), deltas.reshape(num_images, -1, 4)
     sizes_tensor = image_list.sizes_tensor()
-    proposals = generate_proposals(
-        anchors,
-        objectness,
-        deltas,
-        sizes_tensor,
-        num_per_level,
-        ours.rpn.train_settings,
-        ours.rpn.box_coder,
+    proposal_steps = _proposal_steps(
+        ours, theirs, (anchors, objectness, deltas, sizes_tensor), num_per_level, image_list
     )
+    proposals = proposal_steps["frcnn"]()  # what the proposal-target stage is fed
     stages = {
         "anchor-target": _anchor_target_steps(
             ours, theirs, inputs, anchors, image_list.image_sizes, sizes
         ),
-        "proposal layer": _proposal_steps(
-            ours, theirs, (anchors, objectness, deltas, sizes_tensor), num_per_level, image_list
-        ),
+        "proposal layer": proposal_steps,
         "proposal-target": _proposal_target_steps(ours, theirs, inputs, proposals),
     }
     stages["post-processing"] = _postprocess_steps(ours, theirs, features, image_list)

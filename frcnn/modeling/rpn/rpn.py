@@ -49,10 +49,12 @@ class RPN(nn.Module):
         anchors = self.anchor_generator(
             tuple(images.tensor.shape[-2:]), feature_sizes, images.tensor.device
         )
-        num_anchors_per_level = [
-            h * w * a
+        # (Hl, Wl, A) per level: the anchors' grid layout
+        grid_sizes = [
+            (h, w, a)
             for (h, w), a in zip(feature_sizes, self.anchor_generator.num_anchors_per_location)
         ]
+        num_anchors_per_level = [h * w * a for h, w, a in grid_sizes]
         logits, deltas = self.head.flatten(
             logits_per_level, deltas_per_level
         )  # (N, R, C), (N, R, 4)
@@ -70,10 +72,6 @@ class RPN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the RPN needs targets in training mode")
-            grid_sizes = [
-                (h, w, a)
-                for (h, w), a in zip(feature_sizes, self.anchor_generator.num_anchors_per_location)
-            ]
             losses = self.losses(anchors, logits, deltas, targets, images.image_sizes, grid_sizes)
         return proposals, losses
 
