@@ -11,7 +11,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel
-from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
+from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler, roi_align_jobs
 from frcnn.modeling.roi_heads.roi_align_jobs import RoIJob, split_jobs
 
 
@@ -31,6 +31,14 @@ def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
+@pytest.fixture(params=["whole-jobs", "one-roi-calls"])
+def forward_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The forward pools each job in one call, or in calls of a single RoI each."""
+    if request.param == "one-roi-calls":
+        monkeypatch.setattr(roi_align_jobs, "FORWARD_CALL_ELEMENTS", 1)
+    return request.param
+
+
 def test_split_jobs_covers_every_roi_once_in_order() -> None:
     counts = [[3, 0, 5, 2], [0, 0, 0, 0], [1, 4, 0, 0]]
     for num_workers in (1, 2, 3, 7, 100):
@@ -45,7 +53,9 @@ def test_split_jobs_covers_every_roi_once_in_order() -> None:
     assert split_jobs([[0, 0]], 2) == []
 
 
-def test_single_level_equals_torchvision_forward_and_backward(workers: int) -> None:
+def test_single_level_equals_torchvision_forward_and_backward(
+    workers: int, forward_calls: str
+) -> None:
     torch.manual_seed(0)
     boxes = _boxes(3, 17, 64, seed=1)
     feature = torch.randn(3, 5, 8, 8, requires_grad=True)
@@ -61,7 +71,7 @@ def test_single_level_equals_torchvision_forward_and_backward(workers: int) -> N
     assert torch.equal(feature.grad, reference.grad)
 
 
-def test_multi_level_equals_multiscale_roi_align(workers: int) -> None:
+def test_multi_level_equals_multiscale_roi_align(workers: int, forward_calls: str) -> None:
     torch.manual_seed(0)
     image_sizes = [(256, 192), (240, 256)]
     boxes = _boxes(2, 40, 240, seed=2)

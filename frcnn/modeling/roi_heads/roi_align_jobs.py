@@ -12,19 +12,28 @@ run on a thread pool on a CPU (frcnn/modeling/parallel.py); on other devices one
 Every RoI is pooled by the same kernel with the same arguments, and every image's gradient is
 accumulated over its RoIs in their original order, so the results are bitwise those of one
 ``torchvision.ops.roi_align`` call per level, however the work is split.
+
+Memory: the jobs' own outputs exist beside the pooled result while they run. The forward cuts
+each job into calls of at most ``FORWARD_CALL_ELEMENTS`` output elements, so the jobs running at
+once hold a few MB, not a copy of the result. The backward keeps each job's gradient as the
+kernel returns it: a level whose gradient one job computes takes it as it is, and only a level
+split between jobs is assembled into a new tensor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from frcnn.modeling.parallel import run_jobs
+
+# 2**20 float32 elements: 4 MiB per forward call, 167 RoIs of 128 channels at 7 x 7, 83 of 256
+FORWARD_CALL_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -93,31 +102,27 @@ class _RoIAlignJobs(torch.autograd.Function):
         # return the input's dtype
         compute = torch.promote_types(dtype, torch.float32)
         maps = [feature.to(compute) for feature in features]
-        rows = [_rows(order, job) for job in jobs]  # each job's rows of rois and of the output
-        job_rois = [
-            _shift_images(_take(rois, where).to(compute), job.first_image)
-            for job, where in zip(jobs, rows)
-        ]
         output_shape = (rois.shape[0], maps[0].shape[1], size, size)
         output = maps[0].new_zeros(output_shape) if zero_fill else maps[0].new_empty(output_shape)
+        calls = _forward_calls(jobs, maps[0].shape[1] * size * size)
 
         def pool(index: int) -> None:
-            job = jobs[index]
+            call = calls[index]
+            rows = _rows(order, call)
             pooled = torch.ops.torchvision.roi_align(
-                maps[job.level][job.first_image : job.end_image],
-                job_rois[index],
-                scales[job.level],
+                maps[call.level][call.first_image : call.end_image],
+                _job_rois(rois, rows, call, compute),
+                scales[call.level],
                 size,
                 size,
                 sampling_ratio,
                 aligned,
             )
-            _put(output, rows[index], pooled)  # jobs own disjoint rows
+            _put(output, rows, pooled)  # calls own disjoint rows
 
-        run_jobs(pool, len(jobs), maps[0].device)
+        run_jobs(pool, len(calls), maps[0].device)
         ctx.settings = settings
-        ctx.rows = rows
-        ctx.job_rois = job_rois
+        ctx.save_for_backward(rois, order)
         ctx.shapes = [feature.shape for feature in features]
         ctx.dtypes = [feature.dtype for feature in features]
         return output.to(dtype)
@@ -126,15 +131,18 @@ class _RoIAlignJobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple:  # noqa: ANN001
         scales, jobs, size, sampling_ratio, aligned, _ = ctx.settings
-        grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
-        grads = [grad_output.new_zeros(shape) for shape in ctx.shapes]
+        rois, order = ctx.saved_tensors
+        compute = torch.promote_types(grad_output.dtype, torch.float32)
+        grad_output = grad_output.to(compute)
 
-        def backward_one(index: int) -> None:
+        def backward_one(index: int) -> Tensor:
+            """The gradient of images first_image:end_image of the job's level."""
             job = jobs[index]
             _, channels, height, width = ctx.shapes[job.level]
-            grad = torch.ops.torchvision._roi_align_backward(
-                _take(grad_output, ctx.rows[index]),
-                ctx.job_rois[index],
+            rows = _rows(order, job)
+            return torch.ops.torchvision._roi_align_backward(
+                _take(grad_output, rows),
+                _job_rois(rois, rows, job, compute),
                 scales[job.level],
                 size,
                 size,
@@ -145,14 +153,40 @@ class _RoIAlignJobs(torch.autograd.Function):
                 sampling_ratio,
                 aligned,
             )
-            grads[job.level][job.first_image : job.end_image].copy_(grad)
 
-        run_jobs(backward_one, len(jobs), grad_output.device)
-        feature_grads = [
-            grad.to(dtype) if needed else None
-            for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[3:])
-        ]
+        pieces: list[Tensor | None] = list(run_jobs(backward_one, len(jobs), grad_output.device))
+        feature_grads = []
+        for level, (shape, dtype, needed) in enumerate(
+            zip(ctx.shapes, ctx.dtypes, ctx.needs_input_grad[3:])
+        ):
+            mine = [i for i, job in enumerate(jobs) if job.level == level]
+            whole = (
+                len(mine) == 1 and jobs[mine[0]].end_image - jobs[mine[0]].first_image == shape[0]
+            )
+            if not needed:
+                grad = None
+            elif whole:
+                grad = pieces[mine[0]].to(dtype)  # one job made the level's whole gradient
+            else:
+                grad = grad_output.new_zeros(shape)  # images without RoIs keep zeros
+                for i in mine:
+                    grad[jobs[i].first_image : jobs[i].end_image].copy_(pieces[i])
+                grad = grad.to(dtype)
+            for i in mine:
+                pieces[i] = None  # free as soon as copied
+            feature_grads.append(grad)
         return (None, None, None, *feature_grads)
+
+
+def _forward_calls(jobs: Sequence[RoIJob], elements_per_roi: int) -> list[RoIJob]:
+    """``jobs`` cut into RoI ranges of at most FORWARD_CALL_ELEMENTS output elements (at least
+    one RoI). A RoI's pooled values do not depend on which call pools it."""
+    limit = max(1, FORWARD_CALL_ELEMENTS // max(elements_per_roi, 1))
+    return [
+        replace(job, first_roi=start, end_roi=min(start + limit, job.end_roi))
+        for job in jobs
+        for start in range(job.first_roi, job.end_roi, limit)
+    ]
 
 
 def _rows(order: Tensor | None, job: RoIJob) -> slice | Tensor:
@@ -172,9 +206,11 @@ def _put(out: Tensor, rows: slice | Tensor, values: Tensor) -> None:
         out.index_copy_(0, rows, values)
 
 
-def _shift_images(rois: Tensor, first_image: int) -> Tensor:
-    if first_image == 0:
-        return rois
-    shifted = rois.clone()
-    shifted[:, 0] -= first_image
-    return shifted
+def _job_rois(rois: Tensor, rows: slice | Tensor, job: RoIJob, compute: torch.dtype) -> Tensor:
+    """The job's RoIs in the compute dtype, their image indices counted from its first image."""
+    job_rois = _take(rois, rows).to(compute)
+    if job.first_image == 0:
+        return job_rois
+    job_rois = job_rois.clone()  # it may be a view of the caller's RoIs
+    job_rois[:, 0] -= job.first_image
+    return job_rois

@@ -38,7 +38,11 @@ def rpn_loss_cls(logits: Tensor, labels: Tensor) -> Tensor:
 
 def rpn_loss_box(deltas: Tensor, box_targets: Tensor, labels: Tensor, beta: float) -> Tensor:
     """``deltas`` and ``box_targets`` (N, R, 4), ``labels`` (N, R) -> scalar."""
-    per_anchor = F.smooth_l1_loss(deltas.float(), box_targets, beta=beta, reduction="none").sum(-1)
+    # smooth_l1(x, y) is a function of x - y: given the difference and a broadcast zero, autograd
+    # keeps one (N, R, 4) tensor for the backward instead of both operands
+    difference = deltas.float() - box_targets
+    zero = difference.new_zeros(()).expand_as(difference)
+    per_anchor = F.smooth_l1_loss(difference, zero, beta=beta, reduction="none").sum(-1)
     positive = labels == POSITIVE
     num_sampled_per_image = (labels != IGNORE).sum(dim=1).clamp(min=1)  # (N,)
     per_image = per_anchor.masked_fill(~positive, 0.0).sum(dim=1) / num_sampled_per_image
