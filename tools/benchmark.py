@@ -87,7 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last",
+        choices=["off", "frcnn", "both"],
+        default="off",
+        help="channels_last memory format: frcnn's model.channels_last switch (frcnn), or the "
+        "same on both sides (both)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -160,9 +166,10 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[FasterRC
     _freeze_like(ours, theirs)
     ours.to(device)
     theirs.to(device)
-    if args.channels_last:
+    if args.channels_last != "off":
         ours.channels_last = True
         ours.to(memory_format=torch.channels_last)
+    if args.channels_last == "both":
         theirs.to(memory_format=torch.channels_last)
     if args.compile:
         ours.compile_static_modules()

@@ -4,6 +4,8 @@ Detections in the original image size."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,6 +163,28 @@ def test_bf16_autocast_step_on_cpu():
     sum(losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_channels_last_trains_like_the_default_format():
+    """model.channels_last converts the weights as well as the input batch, and gives the same
+    losses and gradients (to float rounding: the convolutions sum in another order)."""
+    config = FAMILIES["small"]
+    default = build_model(config).train()
+    fast = build_model(dataclasses.replace(config, channels_last=True)).train()
+    fast.load_state_dict(default.state_dict())
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    torch.manual_seed(1)
+    expected = default(_images(), _targets())
+    torch.manual_seed(1)
+    got = fast(_images(), _targets())
+    for name in LOSS_KEYS:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+    sum(expected.values()).backward()
+    sum(got.values()).backward()
+    for (name, a), b in zip(default.named_parameters(), fast.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_eval_returns_detections_in_original_size():
