@@ -13,6 +13,12 @@ from torchvision.ops import batched_nms, nms
 
 from frcnn.modeling import parallel
 
+# torchvision's NMS kernel on a GPU builds an n x n / 64 word mask (n**2 / 8 bytes) and copies it
+# to the host: 50 MB at 20000 candidates, 800 MB at 80000 (R50-FPN training, batch 8). Above this
+# many candidate slots a call takes fewer images, as torchvision's batched_nms leaves its
+# coordinate trick above 20000 boxes on CUDA. The CPU kernel keeps no mask and needs no bound.
+MAX_CANDIDATES_PER_CALL = 20_000
+
 
 def nms_per_group(
     boxes: Tensor,
@@ -36,6 +42,9 @@ def nms_per_group(
     cores and bounds the quadratic cost of the CPU kernel, which compares every kept box with every
     later box of its call, groups or not.
 
+    On a GPU a range holds at most MAX_CANDIDATES_PER_CALL candidate slots (at least one image),
+    which bounds the kernel's quadratic mask; below that the whole batch is one call.
+
     ``one_call=False`` hands each range's groups to torchvision's batched_nms instead: better on
     a CPU when the groups are many and well populated (detections: images x classes).
     """
@@ -43,7 +52,7 @@ def nms_per_group(
     per_image = usable[0].numel() if num_images else 0
     boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
     groups, usable = groups.reshape(-1), usable.reshape(-1)
-    ranges = parallel.image_ranges(num_images, parallel.num_workers(usable.device))
+    ranges = call_ranges(num_images, per_image, usable.device)
 
     def nms_one_range(index: int) -> Tensor:
         first, end = (bound * per_image for bound in ranges[index])
@@ -52,6 +61,25 @@ def nms_per_group(
 
     kept = parallel.run_jobs(nms_one_range, len(ranges), usable.device)
     return torch.cat(kept) if kept else usable.new_zeros(0, dtype=torch.int64)
+
+
+def call_ranges(num_images: int, per_image: int, device: torch.device) -> list[tuple[int, int]]:
+    """The image ranges of the NMS calls: one per worker (parallel.image_ranges), cut on a GPU
+    so that no call holds more than ``_candidate_cap(device)`` candidate slots."""
+    ranges = parallel.image_ranges(num_images, parallel.num_workers(device))
+    cap = _candidate_cap(device)
+    if cap is None:
+        return ranges
+    per_call = max(1, cap // max(per_image, 1))
+    return [
+        (start, min(start + per_call, end))
+        for first, end in ranges
+        for start in range(first, end, per_call)
+    ]
+
+
+def _candidate_cap(device: torch.device) -> int | None:
+    return None if device.type == "cpu" else MAX_CANDIDATES_PER_CALL
 
 
 def _nms(
