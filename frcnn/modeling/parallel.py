@@ -40,23 +40,54 @@ def image_ranges(num_images: int, num_chunks: int) -> list[tuple[int, int]]:
 
 
 def run_jobs(work: Callable[[int], T], count: int, device: torch.device) -> list[T]:
-    """``[work(0), ..., work(count - 1)]``, on ``num_workers(device)`` threads at once."""
-    workers = num_workers(device)
+    """``[work(0), ..., work(count - 1)]``, on ``num_workers(device)`` threads at once: the
+    caller's and ``num_workers - 1`` from a pool, each taking the next job until none is left.
+
+    The caller works too, rather than wait: every extra thread costs a malloc arena of its own
+    (memory freed there stays with that thread) and an OpenMP team for the ops it runs."""
+    threads = num_workers(device)
+    workers = min(threads, count)
     nested = getattr(_in_worker, "active", False)  # a job's own jobs run in its thread
-    if workers < 2 or count < 2 or nested or _instrumented():
+    if workers < 2 or nested or _instrumented():
         return [work(index) for index in range(count)]
-    pool = _pool(workers)
-    # grad and inference modes are per thread: the workers take the caller's (grad is off inside
-    # an autograd Function; writing into an inference tensor needs inference mode)
+    results: list[T | None] = [None] * count
+    claim, claim_lock = iter(range(count)), threading.Lock()
+    failed = threading.Event()
+
+    def take_jobs() -> None:
+        while not failed.is_set():
+            with claim_lock:
+                index = next(claim, None)
+            if index is None:
+                return
+            try:
+                results[index] = work(index)
+            except BaseException:
+                failed.set()  # the others stop taking jobs
+                raise
+
+    # grad and inference modes are per thread: the helpers take the caller's (grad is off
+    # inside an autograd Function; writing into an inference tensor needs inference mode)
     grad_enabled = torch.is_grad_enabled()
     inference = torch.is_inference_mode_enabled()
 
-    def in_caller_modes(index: int) -> T:
+    def helper() -> None:
         _in_worker.active = True
         with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
-            return work(index)
+            take_jobs()
 
-    return list(pool.map(in_caller_modes, range(count)))
+    pool = _pool(threads - 1)
+    helpers = [pool.submit(helper) for _ in range(workers - 1)]
+    _in_worker.active = True
+    try:
+        take_jobs()
+    finally:
+        _in_worker.active = False
+        done = [future.exception() for future in helpers]  # waits for every helper
+    for error in done:
+        if error is not None:
+            raise error
+    return results  # type: ignore[return-value]
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 
 import pytest
 import torch
@@ -33,10 +34,36 @@ def two_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parallel, "num_workers", lambda device: 2)
 
 
-def test_jobs_run_on_worker_threads_in_order(two_workers: None) -> None:
-    names = parallel.run_jobs(lambda i: (i, threading.current_thread().name), 6, CPU)
+def test_jobs_run_at_once_in_the_caller_and_a_pool_thread_in_order(two_workers: None) -> None:
+    both_running = threading.Barrier(2, timeout=30)  # breaks unless two jobs run at once
+
+    def job(index: int) -> tuple[int, str]:
+        if index < 2:
+            both_running.wait()
+        return index, threading.current_thread().name
+
+    names = parallel.run_jobs(job, 6, CPU)
     assert [i for i, _ in names] == list(range(6))
-    assert all(name.startswith("frcnn-jobs") for _, name in names)
+    caller = threading.current_thread().name
+    assert {names[0][1], names[1][1]} == {caller, next(n for _, n in names if n != caller)}
+    assert all(name == caller or name.startswith("frcnn-jobs") for _, name in names)
+
+
+def test_an_error_in_a_job_reaches_the_caller_after_the_others_stop(two_workers: None) -> None:
+    finished = []
+
+    def job(index: int) -> int:
+        if index == 3:
+            raise ValueError("job 3")
+        time.sleep(0.01)  # long enough that the other thread cannot run through every job
+        finished.append(index)
+        return index
+
+    with pytest.raises(ValueError, match="job 3"):
+        parallel.run_jobs(job, 50, CPU)
+    settled = list(finished)
+    assert 3 not in settled and len(settled) < 50  # the rest were not started
+    assert parallel.run_jobs(lambda i: i, 4, CPU) == [0, 1, 2, 3]  # the pool still works
 
 
 def test_workers_take_the_callers_grad_and_inference_modes(two_workers: None) -> None:
