@@ -4,7 +4,8 @@ weights, same generated inputs, measured alternately in one run.
     python tools/benchmark.py --arch quickstart --batch 8 --size 256 --gt-boxes 6 --iters 5
 
 Rows (medians): training step (forward + backward + SGD step), inference per image, peak memory
-of a training step (CPU: RSS growth of a fresh subprocess per side; CUDA: max_memory_allocated),
+of a training step (CPU: RSS growth of a fresh subprocess per side, glibc's mmap threshold fixed
+unless --malloc default; CUDA: max_memory_allocated),
 and the anchor-target, proposal, proposal-target and post-processing stages alone.
 """
 
@@ -63,6 +64,8 @@ ROW_NAMES = [
     "post-processing",
 ]
 SIDES = ("frcnn", "torchvision")
+# glibc's initial mmap threshold; setting it also stops glibc from raising it as tensors are freed
+MMAP_THRESHOLD = 128 * 1024
 LR = 1e-5  # tiny: the weights barely drift, so both sides keep doing the same work
 
 
@@ -103,6 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
+    parser.add_argument(
+        "--malloc",
+        choices=["fixed", "default"],
+        default="fixed",
+        help="CPU peak memory: run both sides' memory processes with glibc's mmap threshold "
+        f"fixed at {MMAP_THRESHOLD} bytes (fixed: freed tensors leave the RSS at once, so it "
+        "follows the memory in use), or with glibc's defaults (default: the RSS also holds "
+        "what malloc keeps for reuse, which moved between identical runs by up to 25 %%)",
+    )
     parser.add_argument(
         "--sync-batches",
         type=_batch_list,
@@ -571,10 +583,13 @@ def measure_memory(
             torch.cuda.synchronize(device)
             peaks[side] = torch.cuda.max_memory_allocated(device) / 2**20
         return peaks
+    env = dict(os.environ)
+    if args.malloc == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # glibc; other libcs ignore it
     peaks = {}
     for side in SIDES:
         command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_memory-only", side]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"memory subprocess for {side} failed:\n{done.stderr[-2000:]}")
         peaks[side] = json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
+    parser.add_argument(
+        "--malloc", choices=["fixed", "default"], default="fixed", help="as tools/benchmark.py's"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -65,6 +68,7 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
 def measure(args: argparse.Namespace, size: int, gt: int, batch: int) -> dict[str, float]:
     argv = ["--arch", args.arch, "--size", str(size), "--gt-boxes", str(gt)]
     argv += ["--batch", str(batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    argv += ["--malloc", args.malloc]
     point = benchmark.parse_args(argv)
     device = benchmark.pick_device(point.device)
     ours, theirs = benchmark.build_pair(point, device)

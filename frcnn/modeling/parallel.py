@@ -1,6 +1,7 @@
-"""Independent jobs of a batch (RoIAlign over ranges of images, NMS over ranges of images) run on
-a thread pool on a CPU, where torchvision's kernels for them use one core; the kernels release the
-GIL. On other devices a kernel is parallel already, and the jobs run one after another."""
+"""Independent jobs of a batch (RoIAlign over ranges of images, NMS over ranges of images) run in
+parallel on a CPU, in the caller's thread and a small pool's, where torchvision's kernels for them
+use one core; the kernels release the GIL. On other devices a kernel is parallel already, and the
+jobs run one after another."""
 
 from __future__ import annotations
 

@@ -112,3 +112,31 @@ def test_scale_study_runs_every_point(tmp_path: Path) -> None:
     for row in rows:
         assert row["step_frcnn"] > 0 and row["step_torchvision"] > 0
     assert table.read_text().count("\n") == 2 + len(rows)
+
+
+@pytest.mark.parametrize("malloc", ["fixed", "default"])
+def test_memory_processes_get_the_malloc_setting(malloc: str, monkeypatch) -> None:
+    tool = _load_tool()
+    argv = ["--arch", "quickstart", "--batch", "1", "--size", "64", "--malloc", malloc]
+    seen = []
+
+    def fake_run(command, env, **kwargs):
+        seen.append((command[-1], env.get("MALLOC_MMAP_THRESHOLD_")))
+        return subprocess.CompletedProcess(command, 0, stdout='{"peak_mb": 5.0}\n', stderr="")
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    peaks = tool.measure_memory(tool.parse_args(argv), argv, {}, tool.torch.device("cpu"))
+    assert peaks == {"frcnn": 5.0, "torchvision": 5.0}
+    threshold = str(tool.MMAP_THRESHOLD) if malloc == "fixed" else None
+    assert seen == [("frcnn", threshold), ("torchvision", threshold)]
+
+
+def test_a_memory_process_reports_its_peak() -> None:
+    command = [sys.executable, str(TOOL), "--arch", "quickstart", "--batch", "1", "--size", "64"]
+    command += ["--warmup", "0", "--_memory-only", "frcnn"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+    assert 0 < peak < 2000

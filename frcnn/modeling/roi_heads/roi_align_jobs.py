@@ -7,7 +7,7 @@ bilinear weights for each channel) was a third of a quick-start training step. T
 different images touch different slices of a feature map, so the batch splits into jobs, each a
 range of images on one level: a job pools from ``feature[first_image:end_image]`` with its RoIs'
 image indices shifted to match, and in the backward it owns that slice of the gradient. The jobs
-run on a thread pool on a CPU (frcnn/modeling/parallel.py); on other devices one after another.
+run in parallel on a CPU (frcnn/modeling/parallel.py); on other devices one after another.
 
 Every RoI is pooled by the same kernel with the same arguments, and every image's gradient is
 accumulated over its RoIs in their original order, so the results are bitwise those of one
