@@ -20,9 +20,11 @@ _in_worker = threading.local()
 
 
 def _forget_pool() -> None:
-    """In a forked child the pool's threads are gone: start a new pool there when needed."""
-    global _executor
+    """In a forked child the pool's threads are gone: start a new pool there when needed. The
+    lock is new too: another thread of the parent may have held it at the fork."""
+    global _executor, _executor_lock
     _executor = None
+    _executor_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)
@@ -53,10 +55,10 @@ def run_jobs(work: Callable[[int], T], count: int, device: torch.device) -> list
         return [work(index) for index in range(count)]
     results: list[T | None] = [None] * count
     claim, claim_lock = iter(range(count)), threading.Lock()
-    failed = threading.Event()
+    stop = threading.Event()
 
     def take_jobs() -> None:
-        while not failed.is_set():
+        while not stop.is_set():
             with claim_lock:
                 index = next(claim, None)
             if index is None:
@@ -64,28 +66,35 @@ def run_jobs(work: Callable[[int], T], count: int, device: torch.device) -> list
             try:
                 results[index] = work(index)
             except BaseException:
-                failed.set()  # the others stop taking jobs
+                stop.set()  # the others take no new job
                 raise
 
-    # grad and inference modes are per thread: the helpers take the caller's (grad is off
-    # inside an autograd Function; writing into an inference tensor needs inference mode)
+    # grad, inference and autocast modes are per thread: the helpers take the caller's (grad is
+    # off inside an autograd Function; writing into an inference tensor needs inference mode)
     grad_enabled = torch.is_grad_enabled()
     inference = torch.is_inference_mode_enabled()
+    autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
     def helper() -> None:
         _in_worker.active = True
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+        with (
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad_enabled),
+            torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]),
+        ):
             take_jobs()
 
-    pool = _pool(threads - 1)
-    helpers = [pool.submit(helper) for _ in range(workers - 1)]
+    helpers = []
     _in_worker.active = True
     try:
+        pool = _pool(threads - 1)
+        helpers = [pool.submit(helper) for _ in range(workers - 1)]
         take_jobs()
     finally:
+        stop.set()  # on success every job is claimed already; else the helpers stop here
         _in_worker.active = False
-        done = [future.exception() for future in helpers]  # waits for every helper
-    for error in done:
+        errors = [future.exception() for future in helpers]  # waits for every helper
+    for error in errors:
         if error is not None:
             raise error
     return results  # type: ignore[return-value]

@@ -14,9 +14,9 @@ from torchvision.ops import batched_nms, nms
 from frcnn.modeling import parallel
 
 # torchvision's NMS kernel on a GPU builds an n x n / 64 word mask (n**2 / 8 bytes) and copies it
-# to the host: 50 MB at 20000 candidates, 800 MB at 80000 (R50-FPN training, batch 8). Above this
-# many candidate slots a call takes fewer images, as torchvision's batched_nms leaves its
-# coordinate trick above 20000 boxes on CUDA. The CPU kernel keeps no mask and needs no bound.
+# to the host: 50 MB at 20000 candidates, 800 MB at 80000 (R50-FPN training, batch 8). A call
+# holds at most this many usable candidates, the bound at which torchvision's batched_nms leaves
+# its coordinate trick on CUDA. The CPU kernel keeps no mask and needs no bound.
 MAX_CANDIDATES_PER_CALL = 20_000
 
 
@@ -42,8 +42,10 @@ def nms_per_group(
     cores and bounds the quadratic cost of the CPU kernel, which compares every kept box with every
     later box of its call, groups or not.
 
-    On a GPU a range holds at most MAX_CANDIDATES_PER_CALL candidate slots (at least one image),
-    which bounds the kernel's quadratic mask; below that the whole batch is one call.
+    On a GPU the whole batch is one call while its candidate slots are at most
+    MAX_CANDIDATES_PER_CALL. Above that the usable candidates of each image are read (one more
+    host read) and packed into calls of at most that many; an image with more on its own goes to
+    batched_nms, which loops over its groups there. This bounds the kernel's quadratic mask.
 
     ``one_call=False`` hands each range's groups to torchvision's batched_nms instead: better on
     a CPU when the groups are many and well populated (detections: images x classes).
@@ -52,30 +54,51 @@ def nms_per_group(
     per_image = usable[0].numel() if num_images else 0
     boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
     groups, usable = groups.reshape(-1), usable.reshape(-1)
-    ranges = call_ranges(num_images, per_image, usable.device)
+    ranges = call_ranges(usable.reshape(num_images, per_image))
+    cap = _candidate_cap(usable.device)
 
     def nms_one_range(index: int) -> Tensor:
         first, end = (bound * per_image for bound in ranges[index])
         candidates = torch.nonzero(usable[first:end]).squeeze(1) + first
-        return candidates[_nms(boxes, scores, groups, candidates, iou_thresh, one_call)]
+        # (the count is known on the host once nonzero returns: no read of its own)
+        within_cap = cap is None or candidates.numel() <= cap
+        keep = _nms(boxes, scores, groups, candidates, iou_thresh, one_call and within_cap)
+        return candidates[keep]
 
     kept = parallel.run_jobs(nms_one_range, len(ranges), usable.device)
     return torch.cat(kept) if kept else usable.new_zeros(0, dtype=torch.int64)
 
 
-def call_ranges(num_images: int, per_image: int, device: torch.device) -> list[tuple[int, int]]:
-    """The image ranges of the NMS calls: one per worker (parallel.image_ranges), cut on a GPU
-    so that no call holds more than ``_candidate_cap(device)`` candidate slots."""
-    ranges = parallel.image_ranges(num_images, parallel.num_workers(device))
-    cap = _candidate_cap(device)
-    if cap is None:
+def call_ranges(usable: Tensor) -> list[tuple[int, int]]:
+    """The image ranges of the NMS calls for ``usable`` (N, S): one per worker
+    (parallel.image_ranges); on a GPU, packed by each image's usable count when the batch's S x N
+    slots exceed ``_candidate_cap``."""
+    num_images, per_image = usable.shape
+    ranges = parallel.image_ranges(num_images, parallel.num_workers(usable.device))
+    cap = _candidate_cap(usable.device)
+    if cap is None or num_images * per_image <= cap:
         return ranges
-    per_call = max(1, cap // max(per_image, 1))
+    counts = usable.sum(dim=1).tolist()  # one host read, only above the cap
     return [
-        (start, min(start + per_call, end))
-        for first, end in ranges
-        for start in range(first, end, per_call)
+        (first + start, first + end)
+        for first, last in ranges
+        for start, end in pack_images(counts[first:last], cap)
     ]
+
+
+def pack_images(counts: list[int], cap: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of images whose ``counts`` add up to at most ``cap`` each; an image
+    above ``cap`` is a range of its own."""
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for index, count in enumerate(counts):
+        if index > start and total + count > cap:
+            ranges.append((start, index))
+            start, total = index, 0
+        total += count
+    if counts:
+        ranges.append((start, len(counts)))
+    return ranges
 
 
 def _candidate_cap(device: torch.device) -> int | None:

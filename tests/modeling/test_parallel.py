@@ -62,8 +62,27 @@ def test_an_error_in_a_job_reaches_the_caller_after_the_others_stop(two_workers:
     with pytest.raises(ValueError, match="job 3"):
         parallel.run_jobs(job, 50, CPU)
     settled = list(finished)
-    assert 3 not in settled and len(settled) < 50  # the rest were not started
+    # jobs 0-2 and what the other thread had already taken; without the stop it would go on
+    # through all 49 others
+    assert 3 not in settled and len(settled) <= 6, settled
+    time.sleep(0.05)
+    assert finished == settled  # nothing still running once the error is raised
     assert parallel.run_jobs(lambda i: i, 4, CPU) == [0, 1, 2, 3]  # the pool still works
+
+
+def test_an_error_in_the_pool_thread_stops_the_caller(two_workers: None) -> None:
+    caller, finished = threading.current_thread(), []
+
+    def job(index: int) -> int:
+        if threading.current_thread() is not caller:
+            raise ValueError(f"job {index} in the pool")
+        time.sleep(0.01)
+        finished.append(index)
+        return index
+
+    with pytest.raises(ValueError, match="in the pool"):
+        parallel.run_jobs(job, 50, CPU)
+    assert len(finished) <= 3, finished  # without the stop the caller would run 49 jobs
 
 
 def test_workers_take_the_callers_grad_and_inference_modes(two_workers: None) -> None:
@@ -72,6 +91,15 @@ def test_workers_take_the_callers_grad_and_inference_modes(two_workers: None) ->
 
     with torch.no_grad():
         assert parallel.run_jobs(modes, 2, CPU) == [(False, False)] * 2
+    both_running = threading.Barrier(2, timeout=30)  # one job in the caller, one in the pool
+
+    def matmul(_: int) -> torch.Tensor:
+        both_running.wait()
+        return torch.ones(2, 2) @ torch.ones(2, 2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        products = parallel.run_jobs(matmul, 2, CPU)
+    assert [p.dtype for p in products] == [torch.bfloat16] * 2
     with torch.inference_mode():
         assert parallel.run_jobs(modes, 2, CPU) == [(False, True)] * 2
     assert parallel.run_jobs(modes, 2, CPU) == [(True, False)] * 2

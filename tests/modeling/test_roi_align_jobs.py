@@ -160,3 +160,30 @@ def test_a_nan_box_does_not_break_multi_level_pooling(workers: int) -> None:
     expected = MultiScaleRoIAlign(names, 7, 2)(features, list(safe.unbind(0)), [(64, 64)] * 2)
     assert torch.equal(pooled[finite], expected[finite])
     assert torch.equal(pooled[6], torch.zeros(2, 7, 7))
+
+
+def test_channels_last_and_frozen_levels(workers: int) -> None:
+    """channels_last features (a model.channels_last backbone) pool bitwise like contiguous ones,
+    and a level that needs no gradient gets none while the others get torchvision's."""
+    torch.manual_seed(0)
+    names = ["0", "1"]
+    image_sizes = [(256, 256)] * 2
+    boxes = _boxes(2, 12, 240, seed=8)
+    boxes[:, :4] *= 0.2  # small boxes for the lower level, the rest mostly on the upper
+    maps = [torch.randn(2, 3, 64 >> i, 64 >> i) for i in range(2)]
+    features = OrderedDict(
+        [
+            ("0", maps[0].contiguous(memory_format=torch.channels_last)),
+            ("1", maps[1].clone().requires_grad_(True)),
+        ]
+    )
+    references = OrderedDict([("0", maps[0]), ("1", maps[1].clone().requires_grad_(True))])
+    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(boxes.unbind(0)), image_sizes)
+    pooled = MultiLevelPooler(names, 7, 2)(features, boxes, image_sizes, (256, 256))
+    assert torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+    assert features["0"].grad is None
+    assert references["1"].grad.abs().sum() > 0  # the upper level got RoIs
+    assert torch.equal(features["1"].grad, references["1"].grad)

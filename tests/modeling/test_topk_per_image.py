@@ -7,44 +7,51 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
+from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel, topk_per_image
-from frcnn.modeling.topk_per_image import MAX_CANDIDATES_PER_CALL, call_ranges, nms_per_group
+from frcnn.modeling.topk_per_image import call_ranges, nms_per_group, pack_images
 
 
 def test_a_cpu_call_per_thread_whatever_the_candidate_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(parallel, "num_workers", lambda device: 2)
-    cpu = torch.device("cpu")
-    assert call_ranges(8, 10**6, cpu) == [(0, 4), (4, 8)]
-    assert call_ranges(1, 10, cpu) == [(0, 1)]
+    assert call_ranges(torch.ones(8, 10**5, dtype=torch.bool)) == [(0, 4), (4, 8)]
+    assert call_ranges(torch.ones(1, 10, dtype=torch.bool)) == [(0, 1)]
 
 
-def test_gpu_calls_hold_at_most_the_cap() -> None:
-    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
-    assert call_ranges(8, 600, cuda) == [(0, 8)]  # the quick start: one call
-    per_image = 8800  # R50-FPN at 800 x 1333: 4 x 2000 + P6
-    ranges = call_ranges(8, per_image, cuda)
-    assert ranges == [(0, 2), (2, 4), (4, 6), (6, 8)]
-    assert all((end - first) * per_image <= MAX_CANDIDATES_PER_CALL for first, end in ranges)
-    assert call_ranges(3, 3 * MAX_CANDIDATES_PER_CALL, cuda) == [(0, 1), (1, 2), (2, 3)]
-    assert call_ranges(0, 100, cuda) == []
+def test_images_are_packed_under_the_cap() -> None:
+    assert pack_images([8800] * 8, 20000) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert pack_images([300, 50000, 10, 10], 20000) == [(0, 1), (1, 2), (2, 4)]
+    assert pack_images([0] * 5, 20000) == [(0, 5)]
+    assert pack_images([], 20000) == []
 
 
-@pytest.mark.parametrize("one_call", [True, False])
-def test_capped_calls_keep_the_same_boxes(monkeypatch: pytest.MonkeyPatch, one_call: bool) -> None:
-    generator = torch.Generator().manual_seed(0)
-    num_images, per_image = 5, 60
+def _candidates(num_images: int, per_image: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
     corner = torch.rand(num_images, per_image, 2, generator=generator) * 100
-    boxes = torch.cat([corner, corner + 5 + torch.rand(num_images, per_image, 2) * 40], -1)
+    extent = 5 + torch.rand(num_images, per_image, 2, generator=generator) * 40
+    boxes = torch.cat([corner, corner + extent], -1)
     scores = torch.rand(num_images, per_image, generator=generator)
     levels = torch.randint(0, 3, (num_images, per_image), generator=generator)
     groups = torch.arange(num_images)[:, None] * 3 + levels
     usable = torch.rand(num_images, per_image, generator=generator) > 0.2
+    return boxes, scores, groups, usable
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+@pytest.mark.parametrize("cap_images", [2, 0.5], ids=["two-images-per-call", "over-the-cap"])
+def test_capped_calls_keep_the_same_boxes(
+    monkeypatch: pytest.MonkeyPatch, one_call: bool, cap_images: float
+) -> None:
+    num_images, per_image = 5, 60
+    boxes, scores, groups, usable = _candidates(num_images, per_image)
     whole = nms_per_group(boxes, scores, groups, usable, 0.5, one_call)
-    # a GPU-like cap of two images per call
-    monkeypatch.setattr(topk_per_image, "_candidate_cap", lambda device: 2 * per_image)
-    assert len(call_ranges(num_images, per_image, boxes.device)) >= 3
+    # a GPU-like cap: two images' usable candidates per call, or half an image (each image alone,
+    # and over the cap: batched_nms)
+    cap = int(cap_images * per_image)
+    monkeypatch.setattr(topk_per_image, "_candidate_cap", lambda device: cap)
+    assert len(call_ranges(usable)) >= 3
     capped = nms_per_group(boxes, scores, groups, usable, 0.5, one_call)
     # the contract: the same boxes, each image's in the same (decreasing score) order
     for image in range(num_images):
@@ -61,3 +68,20 @@ def test_capped_calls_keep_the_same_boxes(monkeypatch: pytest.MonkeyPatch, one_c
         )
     ]
     assert torch.equal(torch.sort(capped).values, torch.sort(expected).values)
+
+
+def test_gpu_like_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker (an accelerator): 2 reads for the batch under the cap; above it, one read of
+    the per-image counts and 2 per packed call."""
+    monkeypatch.setattr(parallel, "num_workers", lambda device: 1)
+    boxes, scores, groups, usable = _candidates(6, 50)
+    monkeypatch.setattr(topk_per_image, "_candidate_cap", lambda device: 6 * 50)
+    with count_host_syncs() as syncs:
+        nms_per_group(boxes, scores, groups, usable, 0.5)
+    assert syncs.total == 2, syncs
+    monkeypatch.setattr(topk_per_image, "_candidate_cap", lambda device: 100)  # 2 images a call
+    calls = len(call_ranges(usable))
+    assert calls == 3
+    with count_host_syncs() as syncs:
+        nms_per_group(boxes, scores, groups, usable, 0.5)
+    assert syncs.total == 1 + 2 * calls, syncs

@@ -17,7 +17,7 @@ Memory: the jobs' own outputs exist beside the pooled result while they run. The
 each job into calls of at most ``FORWARD_CALL_ELEMENTS`` output elements, so the jobs running at
 once hold a few MB, not a copy of the result. The backward keeps each job's gradient as the
 kernel returns it: a level whose gradient one job computes takes it as it is, and only a level
-split between jobs is assembled into a new tensor.
+split between jobs is assembled into a new tensor (its pieces exist beside it for that moment).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from frcnn.modeling.parallel import run_jobs
 
-# 2**20 float32 elements: 4 MiB per forward call, 167 RoIs of 128 channels at 7 x 7, 83 of 256
+# 2**20 elements per forward call (4 MiB in float32): 167 RoIs of 128 channels at 7 x 7, 83 of 256
 FORWARD_CALL_ELEMENTS = 2**20
 
 
@@ -101,7 +101,9 @@ class _RoIAlignJobs(torch.autograd.Function):
         # torchvision's autocast rule for RoIAlign: compute in float32 (or float64 if given),
         # return the input's dtype
         compute = torch.promote_types(dtype, torch.float32)
-        maps = [feature.to(compute) for feature in features]
+        # the kernel makes its input contiguous: once per level here, not once per call (a
+        # channels_last model's features would be copied whole for every call otherwise)
+        maps = [feature.to(compute).contiguous() for feature in features]
         output_shape = (rois.shape[0], maps[0].shape[1], size, size)
         output = maps[0].new_zeros(output_shape) if zero_fill else maps[0].new_empty(output_shape)
         calls = _forward_calls(jobs, maps[0].shape[1] * size * size)
@@ -154,7 +156,10 @@ class _RoIAlignJobs(torch.autograd.Function):
                 aligned,
             )
 
-        pieces: list[Tensor | None] = list(run_jobs(backward_one, len(jobs), grad_output.device))
+        # no work for levels that need no gradient (frozen features)
+        wanted = [i for i, job in enumerate(jobs) if ctx.needs_input_grad[3 + job.level]]
+        done = run_jobs(lambda k: backward_one(wanted[k]), len(wanted), grad_output.device)
+        pieces = dict(zip(wanted, done))
         feature_grads = []
         for level, (shape, dtype, needed) in enumerate(
             zip(ctx.shapes, ctx.dtypes, ctx.needs_input_grad[3:])
@@ -166,14 +171,12 @@ class _RoIAlignJobs(torch.autograd.Function):
             if not needed:
                 grad = None
             elif whole:
-                grad = pieces[mine[0]].to(dtype)  # one job made the level's whole gradient
+                grad = pieces.pop(mine[0]).to(dtype)  # one job made the level's whole gradient
             else:
                 grad = grad_output.new_zeros(shape)  # images without RoIs keep zeros
-                for i in mine:
-                    grad[jobs[i].first_image : jobs[i].end_image].copy_(pieces[i])
+                for i in mine:  # each piece is freed once copied
+                    grad[jobs[i].first_image : jobs[i].end_image].copy_(pieces.pop(i))
                 grad = grad.to(dtype)
-            for i in mine:
-                pieces[i] = None  # free as soon as copied
             feature_grads.append(grad)
         return (None, None, None, *feature_grads)
 
