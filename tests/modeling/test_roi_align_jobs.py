@@ -25,6 +25,24 @@ def _boxes(num_images: int, per_image: int, size: int, seed: int) -> torch.Tenso
     return boxes
 
 
+def _pool_both(
+    names: list[str],
+    features: OrderedDict,
+    references: OrderedDict,
+    boxes: torch.Tensor,
+    image_sizes: list[tuple[int, int]],
+    padded: tuple[int, int],
+) -> None:
+    """MultiLevelPooler on ``features`` and MultiScaleRoIAlign on ``references``: the same pooled
+    values, then the backward of one random gradient through both."""
+    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(boxes.unbind(0)), image_sizes)
+    pooled = MultiLevelPooler(names, 7, 2)(features, boxes, image_sizes, padded)
+    assert torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+
+
 @pytest.fixture(params=[1, 2, 3], ids=lambda w: f"{w}-workers")
 def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(parallel, "num_workers", lambda device: request.param)
@@ -85,12 +103,7 @@ def test_multi_level_equals_multiscale_roi_align(workers: int, forward_calls: st
     references = OrderedDict(
         (k, v.detach().clone().requires_grad_(True)) for k, v in features.items()
     )
-    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(boxes.unbind(0)), image_sizes)
-    pooled = MultiLevelPooler(names, 7, 2)(features, boxes, image_sizes, (256, 256))
-    assert torch.equal(pooled, expected)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    pooled.backward(grad)
+    _pool_both(names, features, references, boxes, image_sizes, (256, 256))
     for name in names:
         assert torch.equal(features[name].grad, references[name].grad), name
 
@@ -178,12 +191,7 @@ def test_channels_last_and_frozen_levels(workers: int) -> None:
         ]
     )
     references = OrderedDict([("0", maps[0]), ("1", maps[1].clone().requires_grad_(True))])
-    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(boxes.unbind(0)), image_sizes)
-    pooled = MultiLevelPooler(names, 7, 2)(features, boxes, image_sizes, (256, 256))
-    assert torch.equal(pooled, expected)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    pooled.backward(grad)
+    _pool_both(names, features, references, boxes, image_sizes, (256, 256))
     assert features["0"].grad is None
     assert references["1"].grad.abs().sum() > 0  # the upper level got RoIs
     assert torch.equal(features["1"].grad, references["1"].grad)
