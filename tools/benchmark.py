@@ -66,6 +66,7 @@ ROW_NAMES = [
 SIDES = ("frcnn", "torchvision")
 # glibc's initial mmap threshold; setting it also stops glibc from raising it as tensors are freed
 MMAP_THRESHOLD = 128 * 1024
+MALLOC_CHOICES = ("fixed", "default")
 LR = 1e-5  # tiny: the weights barely drift, so both sides keep doing the same work
 
 
@@ -108,8 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
     parser.add_argument(
         "--malloc",
-        choices=["fixed", "default"],
-        default="fixed",
+        choices=MALLOC_CHOICES,
+        default=MALLOC_CHOICES[0],
         help="CPU peak memory: run both sides' memory processes with glibc's mmap threshold "
         f"fixed at {MMAP_THRESHOLD} bytes (fixed: freed tensors leave the RSS at once, so it "
         "follows the memory in use), or with glibc's defaults (default: the RSS also holds "

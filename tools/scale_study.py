@@ -45,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     parser.add_argument(
-        "--malloc", choices=["fixed", "default"], default="fixed", help="as tools/benchmark.py's"
+        "--malloc",
+        choices=benchmark.MALLOC_CHOICES,
+        default=benchmark.MALLOC_CHOICES[0],
+        help="as tools/benchmark.py's",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)

@@ -52,9 +52,9 @@ def nms_per_group(
     """
     num_images = usable.shape[0]
     per_image = usable[0].numel() if num_images else 0
+    ranges = call_ranges(usable.reshape(num_images, per_image))
     boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
     groups, usable = groups.reshape(-1), usable.reshape(-1)
-    ranges = call_ranges(usable.reshape(num_images, per_image))
     cap = _candidate_cap(usable.device)
 
     def nms_one_range(index: int) -> Tensor:
