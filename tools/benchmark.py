@@ -402,8 +402,7 @@ def _anchor_target_steps(
 ) -> dict:
     rpn = ours.rpn
     anchors_per_image = [anchors] * len(inputs.targets)
-    per_location = rpn.anchor_generator.num_anchors_per_location
-    grid_sizes = [(h, w, a) for (h, w), a in zip(feature_sizes, per_location)]
+    grid_sizes = rpn.anchor_generator.grid_sizes(feature_sizes)
 
     def frcnn() -> object:
         return anchor_targets(

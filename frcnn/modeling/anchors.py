@@ -59,6 +59,10 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> list[int]:
         return [int(c.shape[0]) for c in self.cell_anchors]
 
+    def grid_sizes(self, feature_sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """(Hl, Wl, A) of every level: the layout the anchors of ``forward`` are laid out in."""
+        return [(h, w, a) for (h, w), a in zip(feature_sizes, self.num_anchors_per_location)]
+
     def forward(
         self,
         image_size: tuple[int, int],

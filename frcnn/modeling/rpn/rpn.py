@@ -49,11 +49,7 @@ class RPN(nn.Module):
         anchors = self.anchor_generator(
             tuple(images.tensor.shape[-2:]), feature_sizes, images.tensor.device
         )
-        # (Hl, Wl, A) per level: the anchors' grid layout
-        grid_sizes = [
-            (h, w, a)
-            for (h, w), a in zip(feature_sizes, self.anchor_generator.num_anchors_per_location)
-        ]
+        grid_sizes = self.anchor_generator.grid_sizes(feature_sizes)  # (Hl, Wl, A) per level
         num_anchors_per_level = [h * w * a for h, w, a in grid_sizes]
         logits, deltas = self.head.flatten(
             logits_per_level, deltas_per_level
