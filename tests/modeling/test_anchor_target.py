@@ -176,17 +176,12 @@ def _awkward_boxes(generator: torch.Generator, count: int, size: tuple[int, int]
     return torch.cat([boxes, degenerate, anchor_like])
 
 
-def _grid(generator: AnchorGenerator, image_size, feature_sizes) -> list[tuple[int, int, int]]:
-    per_location = generator.num_anchors_per_location
-    return [(h, w, a) for (h, w), a in zip(feature_sizes, per_location)]
-
-
 def test_grid_iou_equals_box_iou_on_one_level() -> None:
     generator = AnchorGenerator([[16.0, 32.0, 64.0, 128.0]], [[0.5, 1.0, 2.0]])
     image_size, feature_sizes = (256, 256), [(32, 32)]
     anchors = generator(image_size, feature_sizes, torch.device("cpu"))
     boxes = _awkward_boxes(torch.Generator().manual_seed(0), 60, image_size)
-    iou = grid_box_iou(anchors, boxes, _grid(generator, image_size, feature_sizes))
+    iou = grid_box_iou(anchors, boxes, generator.grid_sizes(feature_sizes))
     assert torch.equal(iou, box_iou(anchors, boxes))
     assert torch.equal(iou, box_iou(boxes, anchors).T)  # the order AnchorMatcher used to take
     assert (iou == 1).any() and (iou == 0).any()  # the exact cases are really exercised
@@ -198,7 +193,7 @@ def test_grid_iou_equals_box_iou_on_fpn_levels_of_a_padded_image() -> None:
     image_size = (200, 328)
     feature_sizes = [(50, 82), (25, 41), (13, 21), (7, 11), (4, 6)]
     anchors = generator(image_size, feature_sizes, torch.device("cpu"))
-    grid = _grid(generator, image_size, feature_sizes)
+    grid = generator.grid_sizes(feature_sizes)
     for seed in range(3):
         boxes = _awkward_boxes(torch.Generator().manual_seed(seed), 40, image_size)
         iou = grid_box_iou(anchors, boxes, grid)
@@ -252,7 +247,7 @@ def test_anchor_targets_with_grid_sizes_equal_without(matcher: AnchorMatcher) ->
     anchor_generator = AnchorGenerator([[24.0, 48.0], [64.0], [128.0]], [[0.5, 1.0, 2.0]])
     padded, feature_sizes = (96, 160), [(24, 40), (12, 20), (6, 10)]
     anchors = anchor_generator(padded, feature_sizes, torch.device("cpu"))
-    grid = _grid(anchor_generator, padded, feature_sizes)
+    grid = anchor_generator.grid_sizes(feature_sizes)
     g = torch.Generator().manual_seed(1)
     sizes = [(96, 160), (80, 150), (96, 120), (90, 160)]
     crowd_boxes = torch.cat([_awkward_boxes(g, 5, sizes[2]), torch.tensor([[0.0, 0.0, 60, 50]])])
