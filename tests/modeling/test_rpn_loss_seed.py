@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from frcnn.modeling.rpn import RPNHead, rpn_loss_box, rpn_loss_cls
+from frcnn.modeling.rpn import RPNHead, rpn_loss_box, rpn_loss_cls, rpn_losses
 
 A, H, W = 9, 5, 7
 
@@ -148,3 +148,62 @@ def test_gradients_match_the_seed_formulation() -> None:
     seed_total.backward()
     torch.testing.assert_close(ours_scores.grad, seed_scores.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours_deltas.grad, seed_deltas.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [0, 7])
+def test_losses_on_the_gathered_sampled_anchors_equal_the_seed_formulation(extra: int) -> None:
+    """The training path's rpn_losses(max_sampled_per_image=K) computes both losses on each image's
+    K gathered anchors: values and gradients must still be the seed's, with K exactly the largest
+    per-image count of sampled anchors and with room to spare."""
+    raw_scores, raw_deltas, labels, targets = _random_case(5)
+    seed_labels, seed_targets = _to_seed_layout(labels, targets)
+    inside, outside = _seed_box_weights(seed_labels)
+    k = int((labels != -1).sum(dim=1).max()) + extra
+    assert k < labels.shape[1]  # the gathered path is taken
+    head = RPNHead(8, A, "softmax")
+
+    ours_scores = raw_scores.clone().requires_grad_()
+    ours_deltas = raw_deltas.clone().requires_grad_()
+    logits, deltas = head.flatten([ours_scores], [ours_deltas])
+    ours = rpn_losses(logits, deltas, labels, targets, 1.0 / 9.0, max_sampled_per_image=k)
+    (ours["rpn_loss_cls"] + ours["rpn_loss_box"]).backward()
+
+    seed_scores = raw_scores.clone().requires_grad_()
+    seed_deltas = raw_deltas.clone().requires_grad_()
+    seed_cls = _seed_loss_cls(seed_scores, seed_labels)
+    seed_box = _seed_smooth_l1(seed_deltas, seed_targets, inside, outside)
+    (seed_cls + seed_box).backward()
+    assert abs(ours["rpn_loss_cls"].item() - seed_cls.item()) < 1e-6
+    assert abs(ours["rpn_loss_box"].item() - seed_box.item()) < 1e-6
+    torch.testing.assert_close(ours_scores.grad, seed_scores.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours_deltas.grad, seed_deltas.grad, atol=1e-6, rtol=0)
+
+
+def test_gathered_losses_of_images_with_nothing_sampled_are_zero_not_nan() -> None:
+    logits = torch.randn(2, 30, 1, requires_grad=True)
+    deltas = torch.randn(2, 30, 4, requires_grad=True)
+    labels = torch.full((2, 30), -1)
+    losses = rpn_losses(logits, deltas, labels, torch.zeros(2, 30, 4), max_sampled_per_image=4)
+    sum(losses.values()).backward()
+    assert [loss.item() for loss in losses.values()] == [0.0, 0.0]
+    assert (logits.grad == 0).all() and (deltas.grad == 0).all()
+
+
+def test_gathered_losses_keep_no_per_anchor_tensor_for_the_backward() -> None:
+    """What the gathered path is for: autograd saves (N, K)-sized tensors, never one with a value
+    per anchor (gather, for one, would keep its whole input for the backward)."""
+    raw_scores, raw_deltas, labels, targets = _random_case(6)
+    labels[:, 10:] = -1  # at most 10 sampled anchors per image, as the bound promises
+    logits, deltas = RPNHead(8, A, "softmax").flatten(
+        [raw_scores.requires_grad_()], [raw_deltas.requires_grad_()]
+    )
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        rpn_losses(logits, deltas, labels, targets, max_sampled_per_image=10)
+    num_images, num_anchors = labels.shape
+    assert saved and max(saved) <= num_images * 10 * 4 < num_anchors

@@ -17,6 +17,7 @@ from frcnn.config import (
     ROIHeadsConfig,
     RPNConfig,
 )
+from frcnn.modeling.rpn import anchor_targets, rpn_losses
 from frcnn.structures import Detections, Targets
 
 LOSS_KEYS = {"rpn_loss_cls", "rpn_loss_box", "rcnn_loss_cls", "rcnn_loss_box"}
@@ -206,3 +207,41 @@ def test_eval_returns_detections_in_original_size():
         assert (det.scores[1:] <= det.scores[:-1]).all()
         torch.testing.assert_close(det.boxes, ref.boxes * factor)
         assert torch.equal(det.scores, ref.scores)
+
+
+def test_rpn_losses_on_gathered_samples_equal_the_dense_losses():
+    """RPN.losses computes both losses on each image's sampled anchors, gathered up to its
+    sampling batch size: the same sample (same seed) taken over every anchor must give the same
+    losses and the same gradients."""
+    model = build_model(tiny_config("resnet18_fpn", FPN_SIZES, rpn_batch_size=24)).train()
+    rpn = model.rpn
+    targets = _targets()
+    image_list = model.preprocess(_images())
+    features = [f.detach().requires_grad_() for f in model.backbone(image_list.tensor).values()]
+    logits, deltas = rpn.head.flatten(*rpn.head(features))
+    feature_sizes = [tuple(f.shape[-2:]) for f in features]
+    anchors = rpn.anchor_generator(tuple(image_list.tensor.shape[-2:]), feature_sizes, "cpu")
+    grid_sizes = rpn.anchor_generator.grid_sizes(feature_sizes)
+    assert anchors.shape[0] > 10 * rpn.batch_size_per_image  # the gathered path is taken
+
+    torch.manual_seed(7)
+    gathered = rpn.losses(anchors, logits, deltas, targets, image_list.image_sizes, grid_sizes)
+    gathered_grads = torch.autograd.grad(sum(gathered.values()), features, retain_graph=True)
+    torch.manual_seed(7)  # the same sample of anchors
+    with torch.no_grad():
+        target = anchor_targets(
+            anchors,
+            targets,
+            image_list.image_sizes,
+            rpn.matcher,
+            rpn.box_coder,
+            rpn.batch_size_per_image,
+            rpn.positive_fraction,
+            grid_sizes=grid_sizes,
+        )
+    assert ((target.labels != -1).sum(dim=1) <= rpn.batch_size_per_image).all()
+    dense = rpn_losses(logits, deltas, target.labels, target.box_targets, rpn.smooth_l1_beta)
+    dense_grads = torch.autograd.grad(sum(dense.values()), features)
+    assert gathered["rpn_loss_box"] > 0
+    torch.testing.assert_close(gathered, dense, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gathered_grads, dense_grads, rtol=1e-5, atol=1e-8)

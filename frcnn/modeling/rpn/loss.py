@@ -10,10 +10,16 @@ waits for the device (and gives 0, not NaN, when every anchor is ignored).
 rpn_loss_box: smooth-L1 with sigma = 3 (beta = 1 / sigma**2) on the positive anchors (inside
 weights), each image's sum divided by its own count of sampled anchors (outside weights), then the
 mean over images. (The seed normalises every image by the last image's count; that is a bug.)
+
+Both are sums over the sampled anchors, so ``rpn_losses`` may first gather each image's sampled
+anchors (at most ``max_sampled_per_image``, the anchor-target layer's batch size) into a fixed
+(N, K) slice: a top-k of the sampled mask, K static, no host read. Autograd then keeps (N, K)
+tensors for the backward instead of (N, R) ones.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,9 +56,38 @@ def rpn_loss_box(deltas: Tensor, box_targets: Tensor, labels: Tensor, beta: floa
 
 
 def rpn_losses(
-    logits: Tensor, deltas: Tensor, labels: Tensor, box_targets: Tensor, beta: float = 1.0 / 9.0
+    logits: Tensor,
+    deltas: Tensor,
+    labels: Tensor,
+    box_targets: Tensor,
+    beta: float = 1.0 / 9.0,
+    max_sampled_per_image: int | None = None,
 ) -> dict[str, Tensor]:
+    """Both losses. ``max_sampled_per_image``, when given, must bound every image's count of
+    anchors not labelled IGNORE (the sampler's batch size does): the losses are then computed on
+    the gathered sampled anchors only, the same sums over fewer zeros."""
+    if max_sampled_per_image is not None and max_sampled_per_image < labels.shape[1]:
+        logits, deltas, labels, box_targets = _gather_sampled(
+            max_sampled_per_image, logits, deltas, labels, box_targets
+        )
     return {
         "rpn_loss_cls": rpn_loss_cls(logits, labels),
         "rpn_loss_box": rpn_loss_box(deltas, box_targets, labels, beta),
     }
+
+
+def _gather_sampled(k: int, logits: Tensor, deltas: Tensor, labels: Tensor, box_targets: Tensor):
+    """(N, R, ...) -> (N, k, ...): every sampled anchor of each image (at most ``k`` of them) and
+    ignored anchors to fill the rest, which both losses leave out.
+
+    index_select on the flattened batch, not gather: gather's backward keeps its whole (N, R, ...)
+    input alive, index_select's only the (N * k) indices."""
+    num_images, num_anchors = labels.shape
+    index = (labels != IGNORE).to(torch.uint8).topk(k, dim=1, sorted=False).indices  # (N, k)
+    flat = (index + torch.arange(num_images, device=index.device)[:, None] * num_anchors).view(-1)
+
+    def pick(values: Tensor) -> Tensor:
+        rows = values.reshape(num_images * num_anchors, *values.shape[2:]).index_select(0, flat)
+        return rows.view(num_images, k, *values.shape[2:])
+
+    return pick(logits), pick(deltas), pick(labels), pick(box_targets)

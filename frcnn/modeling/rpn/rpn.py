@@ -92,6 +92,11 @@ class RPN(nn.Module):
                 grid_sizes=grid_sizes,
             )
         losses = rpn_losses(
-            logits, deltas, anchor_target.labels, anchor_target.box_targets, self.smooth_l1_beta
+            logits,
+            deltas,
+            anchor_target.labels,
+            anchor_target.box_targets,
+            self.smooth_l1_beta,
+            max_sampled_per_image=self.batch_size_per_image,  # the sampler's bound
         )
         return {name: loss * self.loss_weight for name, loss in losses.items()}
