@@ -50,6 +50,21 @@ def nms_per_group(
     ``one_call=False`` hands each range's groups to torchvision's batched_nms instead: better on
     a CPU when the groups are many and well populated (detections: images x classes).
     """
+    calls = nms_calls(boxes, scores, groups, usable, iou_thresh, one_call)
+    return torch.cat(calls) if calls else usable.new_zeros(0, dtype=torch.int64)
+
+
+def nms_calls(
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+    usable: Tensor,
+    iou_thresh: float,
+    one_call: bool = True,
+) -> list[Tensor]:
+    """nms_per_group's result per NMS call, in image order. A call covers a contiguous range of
+    whole images and its count is known on the host, so the largest count bounds how many any
+    one image kept, without a read."""
     num_images = usable.shape[0]
     per_image = usable[0].numel() if num_images else 0
     ranges = call_ranges(usable.reshape(num_images, per_image))
@@ -65,8 +80,7 @@ def nms_per_group(
         keep = _nms(boxes, scores, groups, candidates, iou_thresh, one_call and within_cap)
         return candidates[keep]
 
-    kept = parallel.run_jobs(nms_one_range, len(ranges), usable.device)
-    return torch.cat(kept) if kept else usable.new_zeros(0, dtype=torch.int64)
+    return parallel.run_jobs(nms_one_range, len(ranges), usable.device)
 
 
 def call_ranges(usable: Tensor) -> list[tuple[int, int]]:

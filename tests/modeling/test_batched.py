@@ -14,6 +14,7 @@ from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHea
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
 
+from frcnn.modeling import parallel
 from frcnn.modeling.anchors import AnchorGenerator
 from frcnn.modeling.roi_heads.postprocess import PostprocessSettings, postprocess_detections
 from frcnn.modeling.roi_heads.proposal_target import ProposalTargetSettings, sample_proposals
@@ -195,7 +196,7 @@ def test_proposals_batched_equal_per_image(anchors, settings):
     batched = generate_proposals(
         anchors, objectness, deltas, sizes, NUM_ANCHORS_PER_LEVEL, settings, RPN_CODER
     )
-    assert batched.boxes.shape == (3, settings.post_nms_topk, 4)
+    assert batched.boxes.shape == (3, _expected_slots(batched.valid, settings.post_nms_topk), 4)
     for i in range(3):
         alone = generate_proposals(
             anchors,
@@ -212,6 +213,48 @@ def test_proposals_batched_equal_per_image(anchors, settings):
         assert torch.equal(boxes, alone_boxes)
         assert torch.equal(scores, alone_scores)
         assert not batched.boxes[i][~batched.valid[i]].any()
+
+
+def _expected_slots(valid: torch.Tensor, post_nms_topk: int) -> int:
+    """post_nms_topk slots, or the most boxes one NMS call kept: a call per worker's range of
+    images, each image's kept count read off its filled slots (all of them, while below K)."""
+    counts = valid.sum(dim=1).tolist()
+    ranges = parallel.image_ranges(len(counts), parallel.num_workers(valid.device))
+    most = max(sum(counts[first:end]) for first, end in ranges)
+    return max(1, min(post_nms_topk, most))  # an image at K: its call's count is at least K
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_proposal_slots_shrink_to_what_nms_kept(anchors, monkeypatch, workers):
+    """When NMS keeps fewer boxes than post_nms_topk, the slots shrink to the largest NMS call's
+    count (known on the host, no read), so that the box head never runs on slots no image
+    fills; every image keeps all of its proposals."""
+    monkeypatch.setattr(parallel, "num_workers", lambda device: workers)
+    settings = ProposalSettings(pre_nms_topk=50, post_nms_topk=10_000, nms_thresh=0.5)
+    objectness, deltas = _rpn_outputs(0, 3, anchors.shape[0])
+    sizes = torch.tensor(IMAGE_SIZES)
+    batched = generate_proposals(
+        anchors, objectness, deltas, sizes, NUM_ANCHORS_PER_LEVEL, settings, RPN_CODER
+    )
+    counts = batched.valid.sum(dim=1).tolist()
+    ranges = parallel.image_ranges(3, workers)
+    assert batched.boxes.shape[1] == max(sum(counts[first:end]) for first, end in ranges)
+    if workers == 3:  # an NMS call per image: the slots are exactly the most any image kept
+        assert batched.boxes.shape[1] == max(counts)
+    # at most 2 x 50 candidates per image: post_nms_topk=100 leaves room to spare
+    full = ProposalSettings(pre_nms_topk=50, post_nms_topk=100, nms_thresh=0.5)
+    for i in range(3):  # the same boxes as with slots to spare
+        alone = generate_proposals(
+            anchors,
+            objectness[i : i + 1],
+            deltas[i : i + 1],
+            sizes[i : i + 1],
+            NUM_ANCHORS_PER_LEVEL,
+            full,
+            RPN_CODER,
+        )
+        assert torch.equal(_valid(batched, i)[0], _valid(alone, 0)[0])
+        assert torch.equal(_valid(batched, i)[1], _valid(alone, 0)[1])
 
 
 def _torchvision_filter(anchors, objectness, deltas, sizes, settings) -> list[tuple]:

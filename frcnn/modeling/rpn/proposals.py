@@ -1,7 +1,8 @@
 """Proposal layer: turn the RPN's scores and deltas into a fixed number of proposals per image.
 
 Shapes: N images, R anchors per image, L levels, T = sum over levels of min(pre_nms_topk, Rl)
-candidates per image, K = post_nms_topk proposal slots per image.
+candidates per image, K = post_nms_topk proposal slots per image (fewer when NMS keeps fewer: see
+num_slots).
 
 Steps, as in the paper and torchvision: per-level top-k by objectness, decode, clip, drop boxes
 smaller than ``min_size`` or scoring under ``score_thresh``, NMS per image and level, keep the best
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from frcnn.modeling.topk_per_image import nms_per_group, scatter_top_per_image
+from frcnn.modeling.topk_per_image import nms_calls, scatter_top_per_image
 from frcnn.structures import BoxCoder, clip_boxes
 
 
@@ -67,16 +68,25 @@ def generate_proposals(
     num_levels = len(num_anchors_per_level)
     image_ids = torch.arange(num_images, device=boxes.device)[:, None].expand_as(scores)
     groups = image_ids * num_levels + levels
-    kept = nms_per_group(boxes, scores, groups, keep, settings.nms_thresh)
+    calls = nms_calls(boxes, scores, groups, keep, settings.nms_thresh)
+    kept = torch.cat(calls)
     kept_image = image_ids.reshape(-1)[kept]
     valid, (out_boxes, out_scores) = scatter_top_per_image(
         kept_image,
         num_images,
-        settings.post_nms_topk,
+        num_slots(settings.post_nms_topk, calls),
         boxes.reshape(-1, 4)[kept],
         scores.reshape(-1)[kept],
     )
     return Proposals(out_boxes, out_scores, valid)
+
+
+def num_slots(post_nms_topk: int, calls: list[Tensor]) -> int:
+    """Proposal slots per image: ``post_nms_topk``, or fewer when no NMS call kept that many (an
+    image's survivors all come from one call, whose count the host knows). Slots no image could
+    fill would be sampled as RoIs, pooled and run through the box head for nothing (a detector
+    far from converged keeps few boxes), where torchvision's lists just end."""
+    return max(1, min(post_nms_topk, max((len(call) for call in calls), default=0)))
 
 
 def _top_per_level(
