@@ -195,3 +195,45 @@ def test_channels_last_and_frozen_levels(workers: int) -> None:
     assert features["0"].grad is None
     assert references["1"].grad.abs().sum() > 0  # the upper level got RoIs
     assert torch.equal(features["1"].grad, references["1"].grad)
+
+
+def test_grouped_rows_equal_multiscale_roi_align(workers: int, forward_calls: str) -> None:
+    """pool_grouped (the training path) returns the rows grouped by (level, image) with the RoI
+    each row pools: row i must be torchvision's row order[i], and a backward through the grouped
+    rows must give torchvision's feature gradients, bitwise. A NaN box is not pooled: its zero
+    row comes last."""
+    torch.manual_seed(0)
+    image_sizes = [(256, 192), (240, 256)]
+    boxes = _boxes(2, 40, 240, seed=9)
+    boxes[0, :6] *= 0.05  # small boxes: the lowest level
+    boxes[1, 3] = float("nan")
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict(
+        (name, torch.randn(2, 4, 64 // 2**i, 64 // 2**i, requires_grad=True))
+        for i, name in enumerate(names)
+    )
+    references = OrderedDict(
+        (k, v.detach().clone().requires_grad_(True)) for k, v in features.items()
+    )
+    pooled, order = MultiLevelPooler(names, 7, 2).pool_grouped(
+        features, boxes, image_sizes, (256, 256)
+    )
+    nan_row = 40 + 3
+    safe = boxes.clone()
+    safe[1, 3] = 0.0  # torchvision's pooler with the NaN box relies on undefined casts
+    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(safe.unbind(0)), image_sizes)
+    assert sorted(order.tolist()) == list(range(80))
+    assert order[-1] == nan_row and torch.equal(pooled[-1], torch.zeros(4, 7, 7))
+    assert torch.equal(pooled[:-1], expected[order[:-1]])
+    scales = [2.0**-2, 2.0**-3, 2.0**-4, 2.0**-5]  # 64 / 256 px and down
+    levels = MultiLevelPooler(names, 7, 2)._levels(safe.reshape(-1, 4), scales)
+    levels_and_images = [  # grouped: the rows' (level, image) never decrease
+        (int(levels[i]), i // 40) for i in order[:-1].tolist()
+    ]
+    assert levels_and_images == sorted(levels_and_images)
+    grad = torch.randn_like(expected)
+    grad[nan_row] = 0.0
+    expected.backward(grad)
+    pooled.backward(grad[order])
+    for name in names:
+        assert torch.equal(features[name].grad, references[name].grad), name

@@ -245,3 +245,39 @@ def test_rpn_losses_on_gathered_samples_equal_the_dense_losses():
     assert gathered["rpn_loss_box"] > 0
     torch.testing.assert_close(gathered, dense, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(gathered_grads, dense_grads, rtol=1e-5, atol=1e-8)
+
+
+def test_roi_head_losses_with_grouped_rows_equal_those_in_roi_order(monkeypatch):
+    """In training the FPN pooler returns its rows grouped by (level, image) and the labels follow
+    them: the losses and gradients must be those of rows kept in RoI order."""
+    model = build_model(tiny_config("resnet18_fpn", FPN_SIZES)).train()
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 320, 320, generator=generator) for _ in range(2)]
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 50.0], [20.0, 30.0, 300.0, 310.0]])  # two levels
+    targets = [Targets(boxes, torch.tensor([1, 2])), Targets(boxes[1:] - 15, torch.tensor([3]))]
+    pooler = model.roi_heads.pooler
+    grouped_pool = pooler.pool_grouped
+    orders = []
+
+    def recording(*args):
+        pooled, order = grouped_pool(*args)
+        orders.append(order)
+        return pooled, order
+
+    results = []
+    for grouped in (True, False):
+        # rows grouped, or in RoI order as at inference
+        replacement = recording if grouped else lambda *args: (pooler(*args), None)
+        monkeypatch.setattr(pooler, "pool_grouped", replacement)
+        torch.manual_seed(3)  # the same proposals and samples both times
+        losses = model(images, targets)
+        rcnn = losses["rcnn_loss_cls"] + losses["rcnn_loss_box"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(rcnn, params, allow_unused=True)
+        results.append((losses, [g for g in grads if g is not None]))
+    (grouped_losses, grouped_grads), (ordered_losses, ordered_grads) = results
+    assert not torch.equal(orders[0], torch.arange(len(orders[0])))  # the rows did move
+    assert grouped_losses["rcnn_loss_box"] > 0
+    assert len(grouped_grads) == len(ordered_grads) > len(list(model.roi_heads.parameters()))
+    torch.testing.assert_close(grouped_losses, ordered_losses, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grouped_grads, ordered_grads, rtol=1e-5, atol=1e-7)

@@ -70,6 +70,16 @@ class SingleLevelPooler(nn.Module):
             self.aligned,
         )
 
+    def pool_grouped(
+        self,
+        features: OrderedDict[str, Tensor],
+        boxes: Tensor,
+        image_sizes: list[tuple[int, int]],
+        padded_size: tuple[int, int],
+    ) -> tuple[Tensor, Tensor | None]:
+        """As MultiLevelPooler.pool_grouped: one level, so the rows keep the RoIs' order."""
+        return self(features, boxes, image_sizes, padded_size), None
+
 
 class MultiLevelPooler(nn.Module):
     """RoIAlign over the named FPN levels, with torchvision's MultiScaleRoIAlign's level rule:
@@ -98,8 +108,31 @@ class MultiLevelPooler(nn.Module):
         image_sizes: list[tuple[int, int]],
         padded_size: tuple[int, int],
     ) -> Tensor:
-        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P). The level scales are inferred from the
-        largest image size, as torchvision's detector passes it."""
+        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P), row i from RoI i. The level scales are
+        inferred from the largest image size, as torchvision's detector passes it."""
+        return self._pool(features, boxes, image_sizes, grouped=False)[0]
+
+    def pool_grouped(
+        self,
+        features: OrderedDict[str, Tensor],
+        boxes: Tensor,
+        image_sizes: list[tuple[int, int]],
+        padded_size: tuple[int, int],
+    ) -> tuple[Tensor, Tensor | None]:
+        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P) with rows grouped by (level, image), and
+        ``order`` (N*S,): row i pools RoI ``order[i]``. For a caller that can take its labels in
+        that order (training: the losses are sums over RoIs): each job's rows are then a slice,
+        and neither pass copies them (the backward would gather a copy of each job's rows of the
+        output gradient, two jobs' at once on two threads)."""
+        return self._pool(features, boxes, image_sizes, grouped=True)
+
+    def _pool(
+        self,
+        features: OrderedDict[str, Tensor],
+        boxes: Tensor,
+        image_sizes: list[tuple[int, int]],
+        grouped: bool,
+    ) -> tuple[Tensor, Tensor]:
         # like MultiScaleRoIAlign, the named levels the backbone has (MobileNet's FPN has two)
         maps = [feature for name, feature in features.items() if name in self.feature_names]
         largest = max(size[0] for size in image_sizes)
@@ -119,18 +152,20 @@ class MultiLevelPooler(nn.Module):
         counts = counts.scatter_add_(0, key, torch.ones_like(key)).tolist()  # the one host read
         per_level = [counts[i * num_images : (i + 1) * num_images] for i in range(num_levels)]
         jobs = split_jobs(per_level, parallel.num_workers(boxes.device))
-        not_pooled = sum(counts[num_levels * num_images :])
-        return roi_align_jobs(
+        not_pooled = sum(counts[num_levels * num_images :])  # grouped: the last rows
+        rois = _to_rois(boxes)
+        pooled = roi_align_jobs(
             maps,
             scales,
-            _to_rois(boxes),
-            order,
+            rois[order] if grouped else rois,
+            None if grouped else order,
             jobs,
             self.output_size,
             self.sampling_ratio,
             False,
             zero_fill=not_pooled > 0,
         )
+        return pooled, order
 
     def _levels(self, boxes: Tensor, scales: list[float]) -> Tensor:
         """(M, 4) -> (M,) level index, computed as torchvision's LevelMapper does."""

@@ -51,14 +51,16 @@ class ROIHeads(nn.Module):
                 raise ValueError("the RoI heads need targets in training mode")
             with torch.no_grad():
                 samples = sample_proposals(proposals, targets, self.sampling, self.box_coder)
-            class_logits, box_deltas = self._predict(features, samples.boxes, images)
-            losses = rcnn_losses(
-                class_logits,
-                box_deltas,
-                samples.labels.reshape(-1),
-                samples.box_targets.reshape(-1, 4),
-                self.smooth_l1_beta,
+            # the losses are sums over RoIs: the pooler may group the rows by level and image,
+            # and the labels follow its order
+            pooled, order = self.pooler.pool_grouped(
+                features, samples.boxes, images.image_sizes, _padded_size(images)
             )
+            class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+            labels, box_targets = samples.labels.reshape(-1), samples.box_targets.reshape(-1, 4)
+            if order is not None:
+                labels, box_targets = labels[order], box_targets[order]
+            losses = rcnn_losses(class_logits, box_deltas, labels, box_targets, self.smooth_l1_beta)
             return {name: loss * self.loss_weight for name, loss in losses.items()}
         # filled slots come first in every image: the box head skips the slots no image fills
         # (inference only; the one host read here replaces up to K box-head rows of zeros)
@@ -80,6 +82,9 @@ class ROIHeads(nn.Module):
         self, features: OrderedDict[str, Tensor], boxes: Tensor, images: ImageList
     ) -> tuple[Tensor, Tensor]:
         """(N, S, 4) RoIs -> class logits (N*S, C+1) and box deltas (N*S, 4(C+1))."""
-        padded_size = (int(images.tensor.shape[-2]), int(images.tensor.shape[-1]))
-        pooled = self.pooler(features, boxes, images.image_sizes, padded_size)
+        pooled = self.pooler(features, boxes, images.image_sizes, _padded_size(images))
         return self.box_predictor(self.box_head(pooled))
+
+
+def _padded_size(images: ImageList) -> tuple[int, int]:
+    return int(images.tensor.shape[-2]), int(images.tensor.shape[-1])
