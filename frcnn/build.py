@@ -55,6 +55,7 @@ from frcnn.evaluation import (
 )
 from frcnn.modeling import backbones
 from frcnn.modeling.anchors import AnchorGenerator
+from frcnn.modeling.backbones.fold_bn import fold_frozen_batch_norm
 from frcnn.modeling.faster_rcnn import FasterRCNN
 from frcnn.modeling.roi_heads import (
     BoxPredictor,
@@ -106,6 +107,12 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         cfg.size_divisibility,
         channels_last=cfg.channels_last,
     )
+    if cfg.fold_frozen_bn and fold_frozen_batch_norm(model) == 0:
+        raise ValueError(
+            "model.fold_frozen_bn: no frozen batch norm follows a convolution in this model "
+            f"(backbone {cfg.backbone.name!r}, norm {cfg.backbone.norm!r}); it folds "
+            "model.backbone.norm=frozen_bn layers only"
+        )
     if cfg.channels_last:
         # the weights too: a channels_last input meeting NCHW weights costs a reorder per conv
         # (.to(device) keeps the format)

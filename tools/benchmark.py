@@ -44,6 +44,7 @@ from frcnn.config import load_config  # noqa: E402
 from frcnn.config.schema import ModelConfig  # noqa: E402
 from frcnn.engine.sync_count import count_host_syncs  # noqa: E402
 from frcnn.modeling import backbones  # noqa: E402
+from frcnn.modeling.backbones.fold_bn import fold_frozen_batch_norm  # noqa: E402
 from frcnn.modeling.faster_rcnn import FasterRCNN  # noqa: E402
 from frcnn.modeling.roi_heads import postprocess_detections, sample_proposals  # noqa: E402
 from frcnn.modeling.rpn import anchor_targets, generate_proposals  # noqa: E402
@@ -104,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frcnn only (model.compile: torch.compile its backbone, RPN head and box head; "
         "torchvision's FasterRCNN has no such switch); the compiling calls fall in --warmup",
     )
+    parser.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="frcnn only (model.fold_frozen_bn: each frozen batch norm folded into the "
+        "convolution before it; architectures with frozen batch norm only)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
@@ -150,6 +157,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"{flag} must be >= {low}, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if args.fold_bn:
+        path, overrides = CONFIGS[args.arch]
+        norm = load_config(path, overrides).model.backbone.norm
+        if norm != "frozen_bn":
+            parser.error(
+                f"--fold-bn: --arch {args.arch} trains its batch norm ({norm}); "
+                "only frozen batch norm folds"
+            )
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json {args.json}: folder {args.json.parent} does not exist")
 
@@ -177,6 +192,8 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[FasterRC
     result = ours.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
     _freeze_like(ours, theirs)
+    if args.fold_bn:
+        fold_frozen_batch_norm(ours)
     ours.to(device)
     theirs.to(device)
     if args.channels_last != "off":

@@ -83,6 +83,7 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
         (["--json", "/no/such/folder/out.json"], "--json"),
         (["--sync-batches", "2,x"], "--sync-batches"),
         (["--sync-batches", "0"], "--sync-batches"),
+        (["--arch", "quickstart", "--fold-bn"], "--fold-bn"),  # its batch norm trains
     ],
 )
 def test_bad_arguments_name_the_flag(argv: list[str], flag: str, capsys) -> None:

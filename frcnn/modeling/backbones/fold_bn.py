@@ -1,0 +1,110 @@
+"""Frozen batch norm folded into the convolution before it: a speed setting (model.fold_frozen_bn).
+
+A FrozenBatchNorm2d after a convolution is a fixed per-channel affine map, y = conv(x, W) * s + t
+with s = gamma / sqrt(var + eps) and t = beta - mean * s, which is the convolution
+conv(x, W * s) + t. Folded, the pair makes one pass over the activations instead of three
+(convolution, multiply, add), forward and backward; the weight product costs a pass over the
+weights instead. The folded weight is computed at every call from the live parameters and
+buffers, so training (the gradient reaches W through the product), loading a checkpoint later and
+moving devices all work as before, and the state_dict keys are unchanged: the norm layer stays in
+place, holding its buffers, and passes its input through.
+
+Results equal the unfolded network's up to float rounding (the products are taken in another
+order). Pairs are folded only where the forward order is known: consecutive children of an
+nn.Sequential or of the IntermediateLayerGetter that torchvision's FPN backbones wrap a trunk in,
+and torchvision's ResNet stem and blocks (conv1 -> bn1, conv2 -> bn2, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops import FrozenBatchNorm2d
+
+# modules that apply their children one after another, in order (IntermediateLayerGetter: the
+# trunk of torchvision's BackboneWithFPN, which frcnn's FPN backbones use)
+_IN_ORDER = (nn.Sequential, IntermediateLayerGetter)
+# modules that apply conv{i} then bn{i} directly, for every i they have
+_NAMED_PAIRS = (ResNet, BasicBlock, Bottleneck)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose affine map the convolution before it applies: the identity,
+    keeping its buffers (and so its state_dict entries)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+
+class ConvFrozenBN2d(nn.Conv2d):
+    """A Conv2d followed by the affine map of ``norm``, in one convolution. ``norm`` is held
+    without being registered, so that its buffers keep their own state_dict keys."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.norm.scale_and_shift()
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(x, weight, bias)
+
+    @property
+    def norm(self) -> FoldedFrozenBatchNorm2d:
+        return self.__dict__["_norm"]
+
+
+def fold_frozen_batch_norm(module: nn.Module) -> int:
+    """Fold every FrozenBatchNorm2d that directly follows a Conv2d (see the module docstring) into
+    it, in place. Returns the number of pairs folded."""
+    folded = 0
+    for parent in list(module.modules()):
+        for conv_name, norm_name in _pairs(parent):
+            conv, norm = parent._modules[conv_name], parent._modules[norm_name]
+            if type(conv) is not nn.Conv2d or type(norm) is not FrozenBatchNorm2d:
+                continue
+            if conv.padding_mode != "zeros" or norm.weight.shape[0] != conv.out_channels:
+                continue
+            parent._modules[norm_name] = _folded_norm(norm)
+            parent._modules[conv_name] = _folded_conv(conv, parent._modules[norm_name])
+            folded += 1
+    return folded
+
+
+def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    names = list(parent._modules)
+    if isinstance(parent, _IN_ORDER):
+        return list(zip(names, names[1:]))
+    if isinstance(parent, _NAMED_PAIRS):
+        return [(n, "bn" + n[4:]) for n in names if n.startswith("conv") and "bn" + n[4:] in names]
+    return []
+
+
+def _folded_norm(norm: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
+    folded = FoldedFrozenBatchNorm2d(norm.weight.shape[0], eps=norm.eps)
+    for name, buffer in norm.named_buffers(recurse=False):
+        setattr(folded, name, buffer)  # the same tensors: same device, dtype and values
+    return folded
+
+
+def _folded_conv(conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> ConvFrozenBN2d:
+    with torch.device("meta"):  # no throwaway initialisation; the parameters are conv's own
+        folded = ConvFrozenBN2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=conv.bias is not None,
+        )
+    folded.weight = conv.weight
+    if conv.bias is not None:
+        folded.bias = conv.bias
+    folded.__dict__["_norm"] = norm
+    folded.train(conv.training)
+    return folded

@@ -1,0 +1,139 @@
+"""model.fold_frozen_bn: every frozen batch norm after a convolution folded into it, with the
+unfolded model as the reference: the same state_dict keys, the same losses, gradients and
+detections up to float rounding, before and after a checkpoint is loaded."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torchvision.ops import FrozenBatchNorm2d
+
+from frcnn.build import build_model
+from frcnn.config import AnchorConfig, BackboneConfig, ModelConfig, ROIHeadsConfig, RPNConfig
+from frcnn.modeling.backbones.fold_bn import ConvFrozenBN2d, FoldedFrozenBatchNorm2d
+from frcnn.structures import Targets
+
+FPN_SIZES = [[32.0], [64.0], [128.0], [256.0], [512.0]]
+
+
+def _config(backbone: str, fold: bool, norm: str = "frozen_bn") -> ModelConfig:
+    fpn = backbone.endswith("fpn")
+    return ModelConfig(
+        num_classes=3,
+        fold_frozen_bn=fold,
+        backbone=BackboneConfig(name=backbone, norm=norm, trainable_layers=3, channels=32),
+        anchors=AnchorConfig(
+            sizes=FPN_SIZES if fpn else [[32.0, 64.0, 128.0]], aspect_ratios=[[0.5, 1.0, 2.0]]
+        ),
+        rpn=RPNConfig(pre_nms_topk_train=100, post_nms_topk_train=50, post_nms_topk_test=50),
+        roi_heads=ROIHeadsConfig(
+            box_head="res5" if backbone.endswith("c4") else "mlp2",
+            representation_size=64,
+            pooler_resolution=4 if backbone.endswith("c4") else 7,
+            batch_size_per_image=16,
+        ),
+    )
+
+
+def _pair(backbone: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The unfolded model with BN statistics that are not the identity, and the folded one with
+    the same state."""
+    torch.manual_seed(0)
+    plain = build_model(_config(backbone, fold=False))
+    generator = torch.Generator().manual_seed(1)
+    for module in plain.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            channels = module.weight.shape[0]
+            module.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+            module.bias.copy_(torch.randn(channels, generator=generator) * 0.1)
+            module.running_mean.copy_(torch.randn(channels, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+    folded = build_model(_config(backbone, fold=True))
+    folded.load_state_dict(plain.state_dict(), strict=True)
+    return plain, folded
+
+
+def _batch() -> tuple[list[torch.Tensor], list[Targets]]:
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 128, 160, generator=generator) for _ in range(2)]
+    boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 150.0, 120.0]])
+    return images, [Targets(boxes, torch.tensor([1, 3])), Targets(boxes[1:], torch.tensor([2]))]
+
+
+@pytest.mark.parametrize("backbone", ["resnet18_fpn", "resnet50_c4", "mobilenet_v3_large_fpn"])
+def test_every_frozen_batch_norm_is_folded_and_the_keys_stay(backbone: str) -> None:
+    plain, folded = _pair(backbone)
+    norms = sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules())
+    assert norms > 0
+    assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in folded.modules()) == norms
+    assert sum(isinstance(m, ConvFrozenBN2d) for m in folded.modules()) == norms
+    assert list(plain.state_dict()) == list(folded.state_dict())
+
+
+@pytest.mark.parametrize("backbone", ["resnet18_fpn", "resnet50_c4"])
+def test_folded_training_step_equals_the_unfolded_one(backbone: str) -> None:
+    """In float64, where rounding cannot hide a wrong fold: the same losses and gradients. (In
+    float32 the two differ by rounding, which a deep trunk amplifies to about 1e-3 of a
+    gradient's largest element.)"""
+    plain, folded = (model.double() for model in _pair(backbone))
+    images, targets = _batch()
+    images = [image.double() for image in images]
+    results = []
+    for model in (plain, folded):
+        torch.manual_seed(3)  # the same proposals and samples
+        losses = model.train()(images, targets)
+        sum(losses.values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (plain_losses, plain_grads), (folded_losses, folded_grads) = results
+    torch.testing.assert_close(folded_losses, plain_losses, rtol=1e-10, atol=1e-12)
+    assert plain_grads.keys() == folded_grads.keys()
+    assert sum(".conv" in name for name in plain_grads) > 5  # folded convolutions train
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(folded_grads[name], grad, rtol=0, atol=1e-10 * scale + 1e-15)
+
+
+def test_folded_detections_follow_a_checkpoint_loaded_after_folding() -> None:
+    """The folded weight is computed from the live parameters and buffers: a checkpoint loaded
+    into a folded model (another model's state, other BN statistics) gives that model's
+    detections, and the fold survives deepcopy (the folded conv keeps its own norm layer)."""
+    plain, folded = _pair("resnet18_fpn")
+    other = build_model(_config("resnet18_fpn", fold=False)).eval()
+    images, _ = _batch()
+    folded = copy.deepcopy(folded).eval()
+    folded.load_state_dict(other.state_dict(), strict=True)
+    for module in folded.modules():
+        if isinstance(module, ConvFrozenBN2d):
+            assert any(module.norm is m for m in folded.modules())
+    with torch.no_grad():
+        # the backbone's features: detections above a score threshold could differ by one box
+        expected = other.backbone(other.preprocess(images).tensor)
+        ours = folded.backbone(folded.preprocess(images).tensor)
+        before = plain.eval().backbone(plain.preprocess(images).tensor)
+    assert not torch.allclose(before["0"], expected["0"], rtol=1e-2, atol=1e-2)  # a new state
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_folding_with_channels_last() -> None:
+    plain, _ = _pair("resnet18_fpn")
+    folded = build_model(
+        dataclasses.replace(_config("resnet18_fpn", fold=True), channels_last=True)
+    ).eval()
+    folded.load_state_dict(plain.state_dict())
+    images, _ = _batch()
+    with torch.no_grad():
+        expected = plain.eval().backbone(plain.preprocess(images).tensor)
+        ours = folded.backbone(folded.preprocess(images).tensor)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("backbone", "norm"), [("resnet18_fpn", "bn"), ("small", "bn")])
+def test_nothing_to_fold_is_an_error_naming_the_setting(backbone: str, norm: str) -> None:
+    with pytest.raises(ValueError, match="model.fold_frozen_bn"):
+        build_model(_config(backbone, fold=True, norm=norm))
