@@ -489,7 +489,9 @@ def _postprocess_steps(ours, theirs, features, image_list) -> dict:
     ours.eval()
     with torch.no_grad():
         proposals, _ = ours.rpn(image_list, list(features.values()))
-        logits, box_deltas = ours.roi_heads._predict(features, proposals.boxes, image_list)
+        padded = tuple(image_list.tensor.shape[-2:])
+        pooled = ours.roi_heads.pooler(features, proposals.boxes, image_list.image_sizes, padded)
+        logits, box_deltas = ours.roi_heads.box_predictor(ours.roi_heads.box_head(pooled))
     num_images, num_slots = proposals.boxes.shape[:2]
     logits = logits.reshape(num_images, num_slots, -1)
     box_deltas = box_deltas.reshape(num_images, num_slots, -1)

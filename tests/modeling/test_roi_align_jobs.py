@@ -11,7 +11,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel
-from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler, roi_align_jobs
+from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
 from frcnn.modeling.roi_heads.roi_align_jobs import RoIJob, split_jobs
 
 
@@ -49,14 +49,6 @@ def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
-@pytest.fixture(params=["whole-jobs", "one-roi-calls"])
-def forward_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The forward pools each job in one call, or in calls of a single RoI each."""
-    if request.param == "one-roi-calls":
-        monkeypatch.setattr(roi_align_jobs, "FORWARD_CALL_ELEMENTS", 1)
-    return request.param
-
-
 def test_split_jobs_covers_every_roi_once_in_order() -> None:
     counts = [[3, 0, 5, 2], [0, 0, 0, 0], [1, 4, 0, 0]]
     for num_workers in (1, 2, 3, 7, 100):
@@ -71,9 +63,7 @@ def test_split_jobs_covers_every_roi_once_in_order() -> None:
     assert split_jobs([[0, 0]], 2) == []
 
 
-def test_single_level_equals_torchvision_forward_and_backward(
-    workers: int, forward_calls: str
-) -> None:
+def test_single_level_equals_torchvision_forward_and_backward(workers: int) -> None:
     torch.manual_seed(0)
     boxes = _boxes(3, 17, 64, seed=1)
     feature = torch.randn(3, 5, 8, 8, requires_grad=True)
@@ -89,7 +79,7 @@ def test_single_level_equals_torchvision_forward_and_backward(
     assert torch.equal(feature.grad, reference.grad)
 
 
-def test_multi_level_equals_multiscale_roi_align(workers: int, forward_calls: str) -> None:
+def test_multi_level_equals_multiscale_roi_align(workers: int) -> None:
     torch.manual_seed(0)
     image_sizes = [(256, 192), (240, 256)]
     boxes = _boxes(2, 40, 240, seed=2)
@@ -140,9 +130,11 @@ def test_jobs_run_in_the_callers_grad_and_inference_modes(workers: int) -> None:
     with torch.inference_mode():
         pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
     assert pooled.is_inference() and not pooled.requires_grad
-    pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
-    assert pooled.grad_fn is not None and pooled.grad_fn.name() == "_RoIAlignJobsBackward"
-    assert pooled.grad_fn.next_functions[-1][0].variable is feature  # nothing recorded between
+    blocks, _ = pooler.pool_blocks(OrderedDict(f=feature), boxes, [], (64, 64))
+    assert len(blocks) == len(split_jobs([[6] * 4], workers))  # a block per job
+    for block in blocks:
+        assert block.grad_fn is not None and block.grad_fn.name() == "_RoIAlignJobsBackward"
+        assert block.grad_fn.next_functions[-1][0].variable is feature  # nothing in between
 
 
 def test_float64_features_pool_in_float64(workers: int) -> None:
@@ -197,11 +189,11 @@ def test_channels_last_and_frozen_levels(workers: int) -> None:
     assert torch.equal(features["1"].grad, references["1"].grad)
 
 
-def test_grouped_rows_equal_multiscale_roi_align(workers: int, forward_calls: str) -> None:
-    """pool_grouped (the training path) returns the rows grouped by (level, image) with the RoI
-    each row pools: row i must be torchvision's row order[i], and a backward through the grouped
-    rows must give torchvision's feature gradients, bitwise. A NaN box is not pooled: its zero
-    row comes last."""
+def test_blocks_equal_multiscale_roi_align(workers: int) -> None:
+    """pool_blocks (what the RoI heads use) returns the rows in blocks grouped by (level, image)
+    with the RoI each row pools: row i must be torchvision's row order[i], and a backward through
+    the blocks must give torchvision's feature gradients, bitwise. A NaN box is not pooled: its
+    zero row comes last, in a block of its own."""
     torch.manual_seed(0)
     image_sizes = [(256, 192), (240, 256)]
     boxes = _boxes(2, 40, 240, seed=9)
@@ -215,9 +207,11 @@ def test_grouped_rows_equal_multiscale_roi_align(workers: int, forward_calls: st
     references = OrderedDict(
         (k, v.detach().clone().requires_grad_(True)) for k, v in features.items()
     )
-    pooled, order = MultiLevelPooler(names, 7, 2).pool_grouped(
+    blocks, order = MultiLevelPooler(names, 7, 2).pool_blocks(
         features, boxes, image_sizes, (256, 256)
     )
+    assert len(blocks) >= 1 + min(workers, 2) and blocks[-1].shape[0] == 1
+    pooled = torch.cat(blocks)
     nan_row = 40 + 3
     safe = boxes.clone()
     safe[1, 3] = 0.0  # torchvision's pooler with the NaN box relies on undefined casts
@@ -234,6 +228,8 @@ def test_grouped_rows_equal_multiscale_roi_align(workers: int, forward_calls: st
     grad = torch.randn_like(expected)
     grad[nan_row] = 0.0
     expected.backward(grad)
-    pooled.backward(grad[order])
+    pieces = grad[order].split([len(b) for b in blocks])
+    assert not blocks[-1].requires_grad  # the zero row's block
+    torch.autograd.backward(blocks[:-1], pieces[:-1])
     for name in names:
         assert torch.equal(features[name].grad, references[name].grad), name

@@ -44,7 +44,9 @@ def test_detections_equal_those_of_the_full_slots() -> None:
     heads = model.roi_heads
     with torch.no_grad():
         detections = heads(features, proposals, images)
-        logits, deltas = heads._predict(features, proposals.boxes, images)
+        # every slot, pooled in RoI order in one tensor and run through the head at once
+        pooled = heads.pooler(features, proposals.boxes, images.image_sizes, (64, 64))
+        logits, deltas = heads.box_predictor(heads.box_head(pooled))
         expected = postprocess_detections(
             logits.reshape(3, 12, -1),
             deltas.reshape(3, 12, -1),

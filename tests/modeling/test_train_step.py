@@ -17,6 +17,7 @@ from frcnn.config import (
     ROIHeadsConfig,
     RPNConfig,
 )
+from frcnn.modeling.roi_heads.poolers import in_roi_order
 from frcnn.modeling.rpn import anchor_targets, rpn_losses
 from frcnn.structures import Detections, Targets
 
@@ -248,27 +249,33 @@ def test_rpn_losses_on_gathered_samples_equal_the_dense_losses():
 
 
 def test_roi_head_losses_with_grouped_rows_equal_those_in_roi_order(monkeypatch):
-    """In training the FPN pooler returns its rows grouped by (level, image) and the labels follow
-    them: the losses and gradients must be those of rows kept in RoI order."""
+    """The FPN pooler returns its rows in blocks grouped by (level, image), the box head runs on
+    each block and the labels follow the rows: the losses and gradients must be those of one
+    block of rows in RoI order."""
     model = build_model(tiny_config("resnet18_fpn", FPN_SIZES)).train()
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 320, 320, generator=generator) for _ in range(2)]
     boxes = torch.tensor([[10.0, 10.0, 40.0, 50.0], [20.0, 30.0, 300.0, 310.0]])  # two levels
     targets = [Targets(boxes, torch.tensor([1, 2])), Targets(boxes[1:] - 15, torch.tensor([3]))]
     pooler = model.roi_heads.pooler
-    grouped_pool = pooler.pool_grouped
+    grouped_pool = pooler.pool_blocks
     orders = []
 
     def recording(*args):
-        pooled, order = grouped_pool(*args)
+        blocks, order = grouped_pool(*args)
         orders.append(order)
-        return pooled, order
+        assert len(blocks) > 1
+        return blocks, order
+
+    def in_one_block(*args):
+        blocks, order = grouped_pool(*args)
+        return (in_roi_order(torch.cat(blocks), order),), None
 
     results = []
     for grouped in (True, False):
-        # rows grouped, or in RoI order as at inference
-        replacement = recording if grouped else lambda *args: (pooler(*args), None)
-        monkeypatch.setattr(pooler, "pool_grouped", replacement)
+        # rows in blocks grouped by level and image, or in RoI order in one block
+        replacement = recording if grouped else in_one_block
+        monkeypatch.setattr(pooler, "pool_blocks", replacement)
         torch.manual_seed(3)  # the same proposals and samples both times
         losses = model(images, targets)
         rcnn = losses["rcnn_loss_cls"] + losses["rcnn_loss_box"]

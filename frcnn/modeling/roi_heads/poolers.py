@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
 from frcnn.modeling import parallel
-from frcnn.modeling.roi_heads.roi_align_jobs import roi_align_jobs, split_jobs
+from frcnn.modeling.roi_heads.roi_align_jobs import roi_align_blocks, split_jobs
 
 
 class SingleLevelPooler(nn.Module):
@@ -51,34 +51,35 @@ class SingleLevelPooler(nn.Module):
         padded_size: tuple[int, int],
     ) -> Tensor:
         """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P)."""
-        feature = features[self.feature_name]
-        scale = 2.0 ** round(math.log2(feature.shape[-1] / padded_size[1]))
-        # RoI corners stay float32 under autocast: bf16 would round them to whole pixels or worse
-        rois = _to_rois(boxes)
-        if self.kind == "pool":
-            return roi_pool(feature, rois, self.output_size, scale)
-        num_images, per_image = boxes.shape[:2]
-        jobs = split_jobs([[per_image] * num_images], parallel.num_workers(feature.device))
-        return roi_align_jobs(
-            [feature],
-            [scale],
-            rois,
-            None,  # the RoIs come image by image already
-            jobs,
-            self.output_size,
-            self.sampling_ratio,
-            self.aligned,
-        )
+        blocks, _ = self.pool_blocks(features, boxes, image_sizes, padded_size)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
-    def pool_grouped(
+    def pool_blocks(
         self,
         features: OrderedDict[str, Tensor],
         boxes: Tensor,
         image_sizes: list[tuple[int, int]],
         padded_size: tuple[int, int],
-    ) -> tuple[Tensor, Tensor | None]:
-        """As MultiLevelPooler.pool_grouped: one level, so the rows keep the RoIs' order."""
-        return self(features, boxes, image_sizes, padded_size), None
+    ) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        """As MultiLevelPooler.pool_blocks; one level, so the rows keep the RoIs' order (None)."""
+        feature = features[self.feature_name]
+        scale = 2.0 ** round(math.log2(feature.shape[-1] / padded_size[1]))
+        # RoI corners stay float32 under autocast: bf16 would round them to whole pixels or worse
+        rois = _to_rois(boxes)
+        if self.kind == "pool":
+            return (roi_pool(feature, rois, self.output_size, scale),), None
+        num_images, per_image = boxes.shape[:2]
+        jobs = split_jobs([[per_image] * num_images], parallel.num_workers(feature.device))
+        blocks = roi_align_blocks(
+            [feature],
+            [scale],
+            rois,  # image by image already
+            jobs,
+            self.output_size,
+            self.sampling_ratio,
+            self.aligned,
+        )
+        return blocks, None
 
 
 class MultiLevelPooler(nn.Module):
@@ -110,29 +111,20 @@ class MultiLevelPooler(nn.Module):
     ) -> Tensor:
         """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P), row i from RoI i. The level scales are
         inferred from the largest image size, as torchvision's detector passes it."""
-        return self._pool(features, boxes, image_sizes, grouped=False)[0]
+        blocks, order = self.pool_blocks(features, boxes, image_sizes, padded_size)
+        return in_roi_order(blocks[0] if len(blocks) == 1 else torch.cat(blocks), order)
 
-    def pool_grouped(
+    def pool_blocks(
         self,
         features: OrderedDict[str, Tensor],
         boxes: Tensor,
         image_sizes: list[tuple[int, int]],
         padded_size: tuple[int, int],
-    ) -> tuple[Tensor, Tensor | None]:
-        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P) with rows grouped by (level, image), and
-        ``order`` (N*S,): row i pools RoI ``order[i]``. For a caller that can take its labels in
-        that order (training: the losses are sums over RoIs): each job's rows are then a slice,
-        and neither pass copies them (the backward would gather a copy of each job's rows of the
-        output gradient, two jobs' at once on two threads)."""
-        return self._pool(features, boxes, image_sizes, grouped=True)
-
-    def _pool(
-        self,
-        features: OrderedDict[str, Tensor],
-        boxes: Tensor,
-        image_sizes: list[tuple[int, int]],
-        grouped: bool,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        """``boxes`` (N, S, 4) -> (blocks, order): the pooled rows (N*S in all) as the RoIAlign
+        jobs made them (roi_align_jobs.py), grouped by (level, image), and ``order`` (N*S,): row
+        i pools RoI ``order[i]``. For callers that take rows in any order (a row-wise box head,
+        labels that can follow): no copy of the pooled features is made, forward or backward."""
         # like MultiScaleRoIAlign, the named levels the backbone has (MobileNet's FPN has two)
         maps = [feature for name, feature in features.items() if name in self.feature_names]
         largest = max(size[0] for size in image_sizes)
@@ -144,7 +136,7 @@ class MultiLevelPooler(nn.Module):
         # MultiScaleRoIAlign (torchvision's kernel would read out of bounds with it)
         levels = torch.where(
             torch.isfinite(flat).all(dim=1), self._levels(flat, scales), num_levels
-        )  # (N*S,) in [0, L], L = not pooled
+        )  # (N*S,) in [0, L], L = not pooled: the last rows
         images = torch.arange(num_images, device=boxes.device)[:, None].expand(-1, per_image)
         key = levels * num_images + images.reshape(-1)
         order = torch.argsort(key, stable=True)  # (level, image), each image's RoIs in order
@@ -152,20 +144,16 @@ class MultiLevelPooler(nn.Module):
         counts = counts.scatter_add_(0, key, torch.ones_like(key)).tolist()  # the one host read
         per_level = [counts[i * num_images : (i + 1) * num_images] for i in range(num_levels)]
         jobs = split_jobs(per_level, parallel.num_workers(boxes.device))
-        not_pooled = sum(counts[num_levels * num_images :])  # grouped: the last rows
-        rois = _to_rois(boxes)
-        pooled = roi_align_jobs(
+        blocks = roi_align_blocks(
             maps,
             scales,
-            rois[order] if grouped else rois,
-            None if grouped else order,
+            _to_rois(boxes)[order],
             jobs,
             self.output_size,
             self.sampling_ratio,
             False,
-            zero_fill=not_pooled > 0,
         )
-        return pooled, order
+        return blocks, order
 
     def _levels(self, boxes: Tensor, scales: list[float]) -> Tensor:
         """(M, 4) -> (M,) level index, computed as torchvision's LevelMapper does."""
@@ -176,6 +164,16 @@ class MultiLevelPooler(nn.Module):
         level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + 1e-6)
         level = torch.nan_to_num(level, nan=float(k_min))  # NaN boxes: see forward
         return torch.clamp(level, min=k_min, max=k_max).to(torch.int64) - k_min
+
+
+def in_roi_order(rows: Tensor, order: Tensor | None) -> Tensor:
+    """Rows made in ``order`` (row i belongs to RoI order[i]; None: in RoI order already) ->
+    rows in RoI order."""
+    if order is None:
+        return rows
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return rows[inverse]
 
 
 def _to_rois(boxes: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from frcnn.modeling.roi_heads.loss import rcnn_losses
+from frcnn.modeling.roi_heads.poolers import in_roi_order
 from frcnn.modeling.roi_heads.postprocess import PostprocessSettings, postprocess_detections
 from frcnn.modeling.roi_heads.proposal_target import ProposalTargetSettings, sample_proposals
 from frcnn.modeling.rpn.proposals import Proposals
@@ -32,6 +33,10 @@ class ROIHeads(nn.Module):
         super().__init__()
         self.pooler = pooler
         self.box_head = box_head
+        # batch statistics mix the rows: such a head takes the pooled rows all at once
+        self._head_has_batch_norm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in box_head.modules()
+        )
         self.box_predictor = box_predictor
         self.sampling = sampling
         self.postprocess = postprocess
@@ -51,12 +56,8 @@ class ROIHeads(nn.Module):
                 raise ValueError("the RoI heads need targets in training mode")
             with torch.no_grad():
                 samples = sample_proposals(proposals, targets, self.sampling, self.box_coder)
-            # the losses are sums over RoIs: the pooler may group the rows by level and image,
-            # and the labels follow its order
-            pooled, order = self.pooler.pool_grouped(
-                features, samples.boxes, images.image_sizes, _padded_size(images)
-            )
-            class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+            # the losses are sums over RoIs: the labels follow the pooler's row order
+            class_logits, box_deltas, order = self._predict(features, samples.boxes, images)
             labels, box_targets = samples.labels.reshape(-1), samples.box_targets.reshape(-1, 4)
             if order is not None:
                 labels, box_targets = labels[order], box_targets[order]
@@ -66,7 +67,11 @@ class ROIHeads(nn.Module):
         # (inference only; the one host read here replaces up to K box-head rows of zeros)
         num_slots = int(proposals.valid.sum(dim=1).max()) if proposals.valid.numel() else 0
         boxes, valid = proposals.boxes[:, :num_slots], proposals.valid[:, :num_slots]
-        class_logits, box_deltas = self._predict(features, boxes, images)
+        class_logits, box_deltas, order = self._predict(features, boxes, images)
+        class_logits, box_deltas = (
+            in_roi_order(class_logits, order),
+            in_roi_order(box_deltas, order),
+        )
         num_images = boxes.shape[0]
         return postprocess_detections(
             class_logits.reshape(num_images, num_slots, class_logits.shape[-1]),
@@ -80,10 +85,23 @@ class ROIHeads(nn.Module):
 
     def _predict(
         self, features: OrderedDict[str, Tensor], boxes: Tensor, images: ImageList
-    ) -> tuple[Tensor, Tensor]:
-        """(N, S, 4) RoIs -> class logits (N*S, C+1) and box deltas (N*S, 4(C+1))."""
-        pooled = self.pooler(features, boxes, images.image_sizes, _padded_size(images))
-        return self.box_predictor(self.box_head(pooled))
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(N, S, 4) RoIs -> class logits (N*S, C+1), box deltas (N*S, 4(C+1)) and the pooler's
+        row order (row i is RoI order[i]; None: RoI order).
+
+        The box head runs on each block of pooled rows the pooler's jobs made, and only its small
+        outputs are joined: no copy of the pooled features. A head that mixes rows (batch norm
+        in training) gets them joined first."""
+        blocks, order = self.pooler.pool_blocks(
+            features, boxes, images.image_sizes, _padded_size(images)
+        )
+        if len(blocks) > 1 and self.training and self._head_has_batch_norm:
+            blocks = (torch.cat(blocks),)
+        outputs = [self.box_predictor(self.box_head(block)) for block in blocks]
+        if len(outputs) == 1:
+            return (*outputs[0], order)
+        class_logits, box_deltas = zip(*outputs)
+        return torch.cat(class_logits), torch.cat(box_deltas), order
 
 
 def _padded_size(images: ImageList) -> tuple[int, int]:
