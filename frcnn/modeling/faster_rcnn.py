@@ -60,10 +60,12 @@ class FasterRCNN(nn.Module):
         return outputs
 
     def compile_static_modules(self, backend: str | Callable[..., Any] = "inductor") -> None:
-        """torch.compile, in place, the compute-heavy modules whose input shapes repeat: the
-        backbone, the RPN head, the box head and predictor. Not the whole forward: NMS, sampling
-        and the host reads between the stages would break the graph at every call. A new input
-        size recompiles once, after which torch.compile treats that size as dynamic.
+        """torch.compile, in place, the compute-heavy modules: the backbone, the RPN head, the box
+        head and predictor. Not the whole forward: NMS, sampling and the host reads between the
+        stages would break the graph at every call. A new input size recompiles once, after
+        which torch.compile treats that size as dynamic: the box head's row count changes from
+        call to call (proposal slots follow what NMS kept; at inference the head runs on each
+        RoIAlign job's block of rows).
 
         In place (nn.Module.compile) keeps the state_dict keys, so checkpoints load with the
         switch on or off. ``backend`` is torch.compile's; tests pass a backend that only traces

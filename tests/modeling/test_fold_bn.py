@@ -137,3 +137,48 @@ def test_folding_with_channels_last() -> None:
 def test_nothing_to_fold_is_an_error_naming_the_setting(backbone: str, norm: str) -> None:
     with pytest.raises(ValueError, match="model.fold_frozen_bn"):
         build_model(_config(backbone, fold=True, norm=norm))
+
+
+def test_no_fold_where_a_gradient_passes_so_no_copy_of_the_weight_is_kept() -> None:
+    """With a gradient to take, the folded weight would be saved for the backward: a copy of the
+    weight. A trainable layer, or a frozen one whose input takes a gradient, keeps no tensor of
+    the weight's size but the weight itself; a frozen layer on a gradient-free input folds and
+    keeps nothing. Each computes the conv-then-norm values."""
+    _, folded = _pair("resnet18_fpn")
+    convs = [m for m in folded.modules() if isinstance(m, ConvFrozenBN2d)]
+    trainable = next(m for m in convs if m.weight.requires_grad)
+    frozen = next(m for m in convs if not m.weight.requires_grad)
+    for conv, input_grad in ((trainable, False), (frozen, True), (frozen, False)):
+        saved: list[torch.Tensor] = []
+        x = torch.randn(1, conv.in_channels, 8, 8, requires_grad=input_grad)
+        with torch.autograd.graph.saved_tensors_hooks(saved.append, lambda t: t):
+            out = conv(x)
+        weight_sized = [t for t in saved if t.shape == conv.weight.shape]
+        assert all(t.data_ptr() == conv.weight.data_ptr() for t in weight_sized)
+        if conv is frozen and not input_grad:
+            assert not saved and not out.requires_grad
+        scale, shift = conv.norm.scale_and_shift()
+        unfolded = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+        expected = unfolded * scale[:, None, None] + shift[:, None, None]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_model_under_bf16_autocast_and_compile() -> None:
+    """The folded layers run under CPU autocast (outputs stay bf16 there, unlike the unfolded
+    float32 norm: close, not equal) and under torch.compile (backend="eager": Dynamo traces the
+    folded modules)."""
+    plain, folded = _pair("resnet18_fpn")
+    plain.eval()
+    folded.eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        expected = plain.backbone(plain.preprocess(images).tensor)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = folded.backbone(folded.preprocess(images).tensor)
+        folded.compile_static_modules(backend="eager")
+        compiled = folded.backbone(folded.preprocess(images).tensor)
+    for name in expected:
+        assert torch.isfinite(mixed[name].float()).all()
+        scale = expected[name].abs().max()
+        torch.testing.assert_close(mixed[name].float(), expected[name], rtol=0, atol=0.1 * scale)
+        torch.testing.assert_close(compiled[name], expected[name], rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from torchvision.ops import MultiScaleRoIAlign
 
 from frcnn.build import build_model
 from frcnn.config import (
@@ -17,7 +18,7 @@ from frcnn.config import (
     ROIHeadsConfig,
     RPNConfig,
 )
-from frcnn.modeling.roi_heads.poolers import in_roi_order
+from frcnn.modeling import parallel
 from frcnn.modeling.rpn import anchor_targets, rpn_losses
 from frcnn.structures import Detections, Targets
 
@@ -249,9 +250,9 @@ def test_rpn_losses_on_gathered_samples_equal_the_dense_losses():
 
 
 def test_roi_head_losses_with_grouped_rows_equal_those_in_roi_order(monkeypatch):
-    """The FPN pooler returns its rows in blocks grouped by (level, image), the box head runs on
-    each block and the labels follow the rows: the losses and gradients must be those of one
-    block of rows in RoI order."""
+    """The FPN pooler returns its rows in blocks grouped by (level, image) and the labels follow
+    the rows: the losses and gradients must be those of torchvision's MultiScaleRoIAlign, whose
+    rows are in RoI order."""
     model = build_model(tiny_config("resnet18_fpn", FPN_SIZES)).train()
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 320, 320, generator=generator) for _ in range(2)]
@@ -267,14 +268,14 @@ def test_roi_head_losses_with_grouped_rows_equal_those_in_roi_order(monkeypatch)
         assert len(blocks) > 1
         return blocks, order
 
-    def in_one_block(*args):
-        blocks, order = grouped_pool(*args)
-        return (in_roi_order(torch.cat(blocks), order),), None
+    def torchvisions(features, boxes, image_sizes, padded_size):
+        reference = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+        return (reference(features, list(boxes.unbind(0)), image_sizes),), None
 
     results = []
     for grouped in (True, False):
-        # rows in blocks grouped by level and image, or in RoI order in one block
-        replacement = recording if grouped else in_one_block
+        # rows in blocks grouped by level and image, or torchvision's in RoI order
+        replacement = recording if grouped else torchvisions
         monkeypatch.setattr(pooler, "pool_blocks", replacement)
         torch.manual_seed(3)  # the same proposals and samples both times
         losses = model(images, targets)
@@ -288,3 +289,18 @@ def test_roi_head_losses_with_grouped_rows_equal_those_in_roi_order(monkeypatch)
     assert len(grouped_grads) == len(ordered_grads) > len(list(model.roi_heads.parameters()))
     torch.testing.assert_close(grouped_losses, ordered_losses, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grouped_grads, ordered_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_the_box_head_runs_once_in_training_and_per_block_at_inference(monkeypatch):
+    """Training joins the pooler's blocks (one weight gradient per head layer, not one per
+    block); inference runs the head on each block (no copy of the pooled features)."""
+    monkeypatch.setattr(parallel, "num_workers", lambda device: 2)  # two jobs, two blocks
+    model = build_model(FAMILIES["small"])
+    calls: list[int] = []
+    model.roi_heads.box_head.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    model.train()(_images(), _targets())
+    assert len(calls) == 1
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(_images())
+    assert len(calls) == 2 and min(calls) > 0

@@ -3,16 +3,23 @@
 A FrozenBatchNorm2d after a convolution is a fixed per-channel affine map, y = conv(x, W) * s + t
 with s = gamma / sqrt(var + eps) and t = beta - mean * s, which is the convolution
 conv(x, W * s) + t. Folded, the pair makes one pass over the activations instead of three
-(convolution, multiply, add), forward and backward; the weight product costs a pass over the
-weights instead. The folded weight is computed at every call from the live parameters and
-buffers, so training (the gradient reaches W through the product), loading a checkpoint later and
-moving devices all work as before, and the state_dict keys are unchanged: the norm layer stays in
+(convolution, multiply, add); the weight product costs a pass over the weights instead. It is
+computed at every call from the live parameters and buffers, so loading a checkpoint later and
+moving devices work as before, and the state_dict keys are unchanged: the norm layer stays in
 place, holding its buffers, and passes its input through.
 
+The fold applies where no gradient passes through the convolution: the frozen layers at the
+bottom of a trunk, and every layer at inference. Elsewhere the weight product would be kept for
+the backward, a second copy of the weight (about 90 MB for ResNet-50's trainable stages), and
+the layer computes conv(x, W) * s + t in one expression instead, at the unfolded pair's cost.
+
 Results equal the unfolded network's up to float rounding (the products are taken in another
-order). Pairs are folded only where the forward order is known: consecutive children of an
-nn.Sequential or of the IntermediateLayerGetter that torchvision's FPN backbones wrap a trunk in,
-and torchvision's ResNet stem and blocks (conv1 -> bn1, conv2 -> bn2, ...).
+order), except under autocast: unfolded, the frozen norm's float32 statistics promote its output
+to float32; folded, the convolution's output stays in the autocast dtype. Pairs are folded only
+where the forward order is known: consecutive children of an nn.Sequential or of the
+IntermediateLayerGetter that torchvision's FPN backbones wrap a trunk in (not a child whose
+output it returns), and torchvision's own ResNet, BasicBlock and Bottleneck (conv1 -> bn1,
+conv2 -> bn2, ...; not subclasses, whose forward may differ).
 """
 
 from __future__ import annotations
@@ -23,10 +30,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
-# modules that apply their children one after another, in order (IntermediateLayerGetter: the
-# trunk of torchvision's BackboneWithFPN, which frcnn's FPN backbones use)
-_IN_ORDER = (nn.Sequential, IntermediateLayerGetter)
-# modules that apply conv{i} then bn{i} directly, for every i they have
+# torchvision modules that apply conv{i} then bn{i} directly, for every i they have
+# (nn.Sequential and IntermediateLayerGetter, the trunk of torchvision's BackboneWithFPN, apply
+# their children one after another)
 _NAMED_PAIRS = (ResNet, BasicBlock, Bottleneck)
 
 
@@ -48,6 +54,10 @@ class ConvFrozenBN2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self.norm.scale_and_shift()
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            # no fold: the product would be saved for the backward, a copy of the weight
+            out = self._conv_forward(x, self.weight, self.bias)
+            return out * scale.reshape(-1, 1, 1) + shift.reshape(-1, 1, 1)
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
         bias = shift if self.bias is None else self.bias * scale + shift
         return self._conv_forward(x, weight, bias)
@@ -76,9 +86,12 @@ def fold_frozen_batch_norm(module: nn.Module) -> int:
 
 def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
     names = list(parent._modules)
-    if isinstance(parent, _IN_ORDER):
+    if isinstance(parent, IntermediateLayerGetter):  # its returned outputs must stay unfolded
+        returned = set(parent.return_layers)
+        return [(a, b) for a, b in zip(names, names[1:]) if a not in returned]
+    if isinstance(parent, nn.Sequential):
         return list(zip(names, names[1:]))
-    if isinstance(parent, _NAMED_PAIRS):
+    if type(parent) in _NAMED_PAIRS:
         return [(n, "bn" + n[4:]) for n in names if n.startswith("conv") and "bn" + n[4:] in names]
     return []
 

@@ -112,7 +112,7 @@ class MultiLevelPooler(nn.Module):
         """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P), row i from RoI i. The level scales are
         inferred from the largest image size, as torchvision's detector passes it."""
         blocks, order = self.pool_blocks(features, boxes, image_sizes, padded_size)
-        return in_roi_order(blocks[0] if len(blocks) == 1 else torch.cat(blocks), order)
+        return in_roi_order(order, blocks[0] if len(blocks) == 1 else torch.cat(blocks))[0]
 
     def pool_blocks(
         self,
@@ -166,14 +166,14 @@ class MultiLevelPooler(nn.Module):
         return torch.clamp(level, min=k_min, max=k_max).to(torch.int64) - k_min
 
 
-def in_roi_order(rows: Tensor, order: Tensor | None) -> Tensor:
-    """Rows made in ``order`` (row i belongs to RoI order[i]; None: in RoI order already) ->
-    rows in RoI order."""
+def in_roi_order(order: Tensor | None, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Tensors whose rows were made in ``order`` (row i belongs to RoI order[i]; None: in RoI
+    order already) -> the same rows in RoI order."""
     if order is None:
         return rows
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.shape[0], device=order.device)
-    return rows[inverse]
+    return tuple(values[inverse] for values in rows)
 
 
 def _to_rois(boxes: Tensor) -> Tensor:

@@ -33,10 +33,6 @@ class ROIHeads(nn.Module):
         super().__init__()
         self.pooler = pooler
         self.box_head = box_head
-        # batch statistics mix the rows: such a head takes the pooled rows all at once
-        self._head_has_batch_norm = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in box_head.modules()
-        )
         self.box_predictor = box_predictor
         self.sampling = sampling
         self.postprocess = postprocess
@@ -68,10 +64,7 @@ class ROIHeads(nn.Module):
         num_slots = int(proposals.valid.sum(dim=1).max()) if proposals.valid.numel() else 0
         boxes, valid = proposals.boxes[:, :num_slots], proposals.valid[:, :num_slots]
         class_logits, box_deltas, order = self._predict(features, boxes, images)
-        class_logits, box_deltas = (
-            in_roi_order(class_logits, order),
-            in_roi_order(box_deltas, order),
-        )
+        class_logits, box_deltas = in_roi_order(order, class_logits, box_deltas)
         num_images = boxes.shape[0]
         return postprocess_detections(
             class_logits.reshape(num_images, num_slots, class_logits.shape[-1]),
@@ -87,15 +80,18 @@ class ROIHeads(nn.Module):
         self, features: OrderedDict[str, Tensor], boxes: Tensor, images: ImageList
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(N, S, 4) RoIs -> class logits (N*S, C+1), box deltas (N*S, 4(C+1)) and the pooler's
-        row order (row i is RoI order[i]; None: RoI order).
+        row order (row i is RoI order[i]; None: RoI order). The pooler is Single- or
+        MultiLevelPooler (``pool_blocks``).
 
-        The box head runs on each block of pooled rows the pooler's jobs made, and only its small
-        outputs are joined: no copy of the pooled features. A head that mixes rows (batch norm
-        in training) gets them joined first."""
+        At inference the box head runs on each block of pooled rows the pooler's jobs made, and
+        only its small outputs are joined: no copy of the pooled features. In training the
+        blocks are joined first: run per block, the head's backward would build a full weight
+        gradient per block (fc6 of the FPN head: 51 MB each) and batch norm would see part of
+        the rows."""
         blocks, order = self.pooler.pool_blocks(
             features, boxes, images.image_sizes, _padded_size(images)
         )
-        if len(blocks) > 1 and self.training and self._head_has_batch_norm:
+        if len(blocks) > 1 and self.training:
             blocks = (torch.cat(blocks),)
         outputs = [self.box_predictor(self.box_head(block)) for block in blocks]
         if len(outputs) == 1:

@@ -43,7 +43,8 @@ def rpn_loss_cls(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def rpn_loss_box(deltas: Tensor, box_targets: Tensor, labels: Tensor, beta: float) -> Tensor:
-    """``deltas`` and ``box_targets`` (N, R, 4), ``labels`` (N, R) -> scalar."""
+    """``deltas`` and ``box_targets`` (N, R, 4), ``labels`` (N, R) -> scalar (R: every anchor, or
+    the K gathered by rpn_losses)."""
     # smooth_l1(x, y) is a function of x - y: given the difference and a broadcast zero, autograd
     # keeps one (N, R, 4) tensor for the backward instead of both operands
     difference = deltas.float() - box_targets

@@ -85,7 +85,12 @@ def num_slots(post_nms_topk: int, calls: list[Tensor]) -> int:
     """Proposal slots per image: ``post_nms_topk``, or fewer when no NMS call kept that many (an
     image's survivors all come from one call, whose count the host knows). Slots no image could
     fill would be sampled as RoIs, pooled and run through the box head for nothing (a detector
-    far from converged keeps few boxes), where torchvision's lists just end."""
+    far from converged keeps few boxes), where torchvision's lists just end.
+
+    The bound is exact when every call holds one image (a CPU batch no larger than the thread
+    count); a call of several images (larger CPU batches, the one call on a GPU) bounds them
+    by its total. The RoI sampler draws its random keys per slot, so a run's sample depends on
+    the slot count and with it on the thread count, as its float rounding already does."""
     return max(1, min(post_nms_topk, max((len(call) for call in calls), default=0)))
 
 
