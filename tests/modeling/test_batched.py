@@ -198,21 +198,27 @@ def test_proposals_batched_equal_per_image(anchors, settings):
     )
     assert batched.boxes.shape == (3, _expected_slots(batched.valid, settings.post_nms_topk), 4)
     for i in range(3):
-        alone = generate_proposals(
-            anchors,
-            objectness[i : i + 1],
-            deltas[i : i + 1],
-            sizes[i : i + 1],
-            NUM_ANCHORS_PER_LEVEL,
-            settings,
-            RPN_CODER,
-        )
+        alone = _proposals_of_image(i, anchors, objectness, deltas, sizes, settings)
         boxes, scores = _valid(batched, i)
         alone_boxes, alone_scores = _valid(alone, 0)
         assert len(boxes) > 0
         assert torch.equal(boxes, alone_boxes)
         assert torch.equal(scores, alone_scores)
         assert not batched.boxes[i][~batched.valid[i]].any()
+
+
+def _proposals_of_image(i, anchors, objectness, deltas, sizes, settings) -> Proposals:
+    """Image i's proposals, computed alone."""
+    one = slice(i, i + 1)
+    return generate_proposals(
+        anchors,
+        objectness[one],
+        deltas[one],
+        sizes[one],
+        NUM_ANCHORS_PER_LEVEL,
+        settings,
+        RPN_CODER,
+    )
 
 
 def _expected_slots(valid: torch.Tensor, post_nms_topk: int) -> int:
@@ -237,22 +243,13 @@ def test_proposal_slots_shrink_to_what_nms_kept(anchors, monkeypatch, workers):
         anchors, objectness, deltas, sizes, NUM_ANCHORS_PER_LEVEL, settings, RPN_CODER
     )
     counts = batched.valid.sum(dim=1).tolist()
-    ranges = parallel.image_ranges(3, workers)
-    assert batched.boxes.shape[1] == max(sum(counts[first:end]) for first, end in ranges)
+    assert batched.boxes.shape[1] == _expected_slots(batched.valid, settings.post_nms_topk)
     if workers == 3:  # an NMS call per image: the slots are exactly the most any image kept
         assert batched.boxes.shape[1] == max(counts)
     # at most 2 x 50 candidates per image: post_nms_topk=100 leaves room to spare
     full = ProposalSettings(pre_nms_topk=50, post_nms_topk=100, nms_thresh=0.5)
     for i in range(3):  # the same boxes as with slots to spare
-        alone = generate_proposals(
-            anchors,
-            objectness[i : i + 1],
-            deltas[i : i + 1],
-            sizes[i : i + 1],
-            NUM_ANCHORS_PER_LEVEL,
-            full,
-            RPN_CODER,
-        )
+        alone = _proposals_of_image(i, anchors, objectness, deltas, sizes, full)
         assert torch.equal(_valid(batched, i)[0], _valid(alone, 0)[0])
         assert torch.equal(_valid(batched, i)[1], _valid(alone, 0)[1])
 

@@ -22,7 +22,23 @@ from frcnn.modeling import parallel
 from frcnn.modeling.roi_heads.roi_align_jobs import roi_align_blocks, split_jobs
 
 
-class SingleLevelPooler(nn.Module):
+class _Pooler(nn.Module):
+    """What both poolers share: ``pool_blocks`` (each subclass's) gives the pooled rows as the
+    RoIAlign jobs made them, and ``forward`` joins them into one tensor in RoI order."""
+
+    def forward(
+        self,
+        features: OrderedDict[str, Tensor],
+        boxes: Tensor,
+        image_sizes: list[tuple[int, int]],
+        padded_size: tuple[int, int],
+    ) -> Tensor:
+        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P), row i from RoI i."""
+        blocks, order = self.pool_blocks(features, boxes, image_sizes, padded_size)
+        return in_roi_order(order, blocks[0] if len(blocks) == 1 else torch.cat(blocks))[0]
+
+
+class SingleLevelPooler(_Pooler):
     """Pools from the one feature map of a C4 / VGG16 / small backbone. The map's scale is read
     from its size relative to the padded batch (a power of two), as torchvision does."""
 
@@ -42,17 +58,6 @@ class SingleLevelPooler(nn.Module):
         self.kind = kind
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
-
-    def forward(
-        self,
-        features: OrderedDict[str, Tensor],
-        boxes: Tensor,
-        image_sizes: list[tuple[int, int]],
-        padded_size: tuple[int, int],
-    ) -> Tensor:
-        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P)."""
-        blocks, _ = self.pool_blocks(features, boxes, image_sizes, padded_size)
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def pool_blocks(
         self,
@@ -82,7 +87,7 @@ class SingleLevelPooler(nn.Module):
         return blocks, None
 
 
-class MultiLevelPooler(nn.Module):
+class MultiLevelPooler(_Pooler):
     """RoIAlign over the named FPN levels, with torchvision's MultiScaleRoIAlign's level rule:
     level k = floor(canonical_level + log2(sqrt(area) / canonical_scale)), clamped to the levels
     present, the levels' scales read from their sizes relative to the largest image."""
@@ -102,18 +107,6 @@ class MultiLevelPooler(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def forward(
-        self,
-        features: OrderedDict[str, Tensor],
-        boxes: Tensor,
-        image_sizes: list[tuple[int, int]],
-        padded_size: tuple[int, int],
-    ) -> Tensor:
-        """``boxes`` (N, S, 4) -> pooled (N*S, Ch, P, P), row i from RoI i. The level scales are
-        inferred from the largest image size, as torchvision's detector passes it."""
-        blocks, order = self.pool_blocks(features, boxes, image_sizes, padded_size)
-        return in_roi_order(order, blocks[0] if len(blocks) == 1 else torch.cat(blocks))[0]
-
     def pool_blocks(
         self,
         features: OrderedDict[str, Tensor],
@@ -123,8 +116,10 @@ class MultiLevelPooler(nn.Module):
     ) -> tuple[tuple[Tensor, ...], Tensor | None]:
         """``boxes`` (N, S, 4) -> (blocks, order): the pooled rows (N*S in all) as the RoIAlign
         jobs made them (roi_align_jobs.py), grouped by (level, image), and ``order`` (N*S,): row
-        i pools RoI ``order[i]``. For callers that take rows in any order (a row-wise box head,
-        labels that can follow): no copy of the pooled features is made, forward or backward."""
+        i pools RoI ``order[i]``. The level scales are inferred from the largest image size, as
+        torchvision's detector passes it. For callers that take rows in any order (a row-wise
+        box head, labels that can follow): no copy of the pooled features is made, forward or
+        backward."""
         # like MultiScaleRoIAlign, the named levels the backbone has (MobileNet's FPN has two)
         maps = [feature for name, feature in features.items() if name in self.feature_names]
         largest = max(size[0] for size in image_sizes)
