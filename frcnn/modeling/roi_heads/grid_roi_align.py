@@ -82,6 +82,13 @@ def equal_count_runs(counts: Sequence[int]) -> list[tuple[int, int, int, int]]:
     return runs
 
 
+def _run_grid(grid: Tensor, first_roi: int, end_roi: int, images: int) -> tuple[int, Tensor]:
+    """A run's RoIs per image and its grid, each image's RoIs stacked as one tall grid:
+    (n*c, Ps, Ps, 2) -> (n, c*Ps, Ps, 2)."""
+    per_image, steps = (end_roi - first_roi) // images, grid.shape[1]
+    return per_image, grid[first_roi:end_roi].reshape(images, per_image * steps, steps, 2)
+
+
 def grid_roi_align(
     feature: Tensor,
     grid: Tensor,
@@ -94,9 +101,7 @@ def grid_roi_align(
     rows = []
     for first_image, end_image, first_roi, end_roi in equal_count_runs(counts):
         images = end_image - first_image
-        per_image, steps = (end_roi - first_roi) // images, size * sampling_ratio
-        # (n*c, Ps, Ps, 2) -> (n, c*Ps, Ps, 2): each image's RoIs stacked as one tall grid
-        run_grid = grid[first_roi:end_roi].reshape(images, per_image * steps, steps, 2)
+        per_image, run_grid = _run_grid(grid, first_roi, end_roi, images)
         sampled = torch.grid_sampler_2d(
             feature[first_image:end_image], run_grid, _BILINEAR, _ZEROS, False
         )  # (n, Ch, c*Ps, Ps)
@@ -126,7 +131,7 @@ def grid_roi_align_backward(
     pieces = []
     for first_image, end_image, first_roi, end_roi in runs:
         images = end_image - first_image
-        per_image = (end_roi - first_roi) // images
+        per_image, run_grid = _run_grid(grid, first_roi, end_roi, images)
         grad = grad_rows[first_roi:end_roi]
         # (n*c, Ch, P, P) -> (n, c, Ch, P, P) -> (n, Ch, c, P, P) -> (n, Ch, c*P, P)
         grad = grad.reshape(images, per_image, channels, size, size).transpose(1, 2)
@@ -135,7 +140,6 @@ def grid_roi_align_backward(
             grad = grad[:, :, :, None, :, None] / sampling_ratio**2
             grad = grad.expand(-1, -1, -1, sampling_ratio, -1, sampling_ratio)
             grad = grad.reshape(images, channels, per_image * steps, steps)
-        run_grid = grid[first_roi:end_roi].reshape(images, per_image * steps, steps, 2)
         grad_feature, _ = torch.ops.aten.grid_sampler_2d_backward(
             grad.contiguous(),
             feature[first_image:end_image],
