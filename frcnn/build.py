@@ -167,10 +167,17 @@ def _build_roi_heads(
     if is_fpn:
         if roi.pooler != "align":
             raise ValueError("model.roi_heads.pooler: FPN backbones pool with RoIAlign only")
-        pooler: nn.Module = MultiLevelPooler(["0", "1", "2", "3"], resolution, roi.sampling_ratio)
+        pooler: nn.Module = MultiLevelPooler(
+            ["0", "1", "2", "3"], resolution, roi.sampling_ratio, kernel=roi.roi_align_kernel
+        )
     else:
         pooler = SingleLevelPooler(
-            backbone.feature_name, resolution, roi.pooler, roi.sampling_ratio, roi.aligned
+            backbone.feature_name,
+            resolution,
+            roi.pooler,
+            roi.sampling_ratio,
+            roi.aligned,
+            roi.roi_align_kernel,
         )
     if trunk_head is not None and roi.box_head != "mlp2":
         box_head = trunk_head

@@ -12,6 +12,7 @@ and the anchor-target, proposal, proposal-target and post-processing stages alon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -47,6 +48,7 @@ from frcnn.modeling import backbones  # noqa: E402
 from frcnn.modeling.backbones.fold_bn import fold_frozen_batch_norm  # noqa: E402
 from frcnn.modeling.faster_rcnn import FasterRCNN  # noqa: E402
 from frcnn.modeling.roi_heads import postprocess_detections, sample_proposals  # noqa: E402
+from frcnn.modeling.roi_heads.roi_align_jobs import KERNELS  # noqa: E402
 from frcnn.modeling.rpn import anchor_targets, generate_proposals  # noqa: E402
 from frcnn.modeling.weight_import import convert_torchvision_state_dict, freeze_batch_norm  # noqa: E402
 from frcnn.structures import Targets  # noqa: E402
@@ -110,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="frcnn only (model.fold_frozen_bn: each frozen batch norm folded into the "
         "convolution before it; architectures with frozen batch norm only)",
+    )
+    parser.add_argument(
+        "--roi-align-kernel",
+        choices=KERNELS,
+        default="torchvision",
+        help="frcnn only (model.roi_heads.roi_align_kernel): RoIAlign on torchvision's kernels "
+        "or on PyTorch's grid_sample kernels (equal to float rounding; the architecture's "
+        "sampling ratio must be >= 1)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -187,7 +197,9 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[FasterRC
         theirs = _torchvision_like(cfg, args.size)
     else:
         theirs = _torchvision_resnet50_fpn(cfg, args.size)
-    ours = build_model(cfg)
+    # frcnn's speed setting: the same RoIAlign, on other kernels (torchvision keeps its own)
+    roi_heads = dataclasses.replace(cfg.roi_heads, roi_align_kernel=args.roi_align_kernel)
+    ours = build_model(dataclasses.replace(cfg, roi_heads=roi_heads))
     state = convert_torchvision_state_dict(theirs.state_dict(), cfg.rpn.objectness)
     result = ours.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result

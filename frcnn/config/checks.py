@@ -49,6 +49,7 @@ NORMS = ("frozen_bn", "bn", "gn")
 OBJECTNESS = ("softmax", "sigmoid")
 BOX_HEADS = ("mlp2", "vgg_fc", "res5")
 POOLERS = ("align", "pool")
+ROI_ALIGN_KERNELS = ("torchvision", "grid_sample")  # roi_align_jobs.KERNELS, without torch
 DATASET_FORMATS = ("coco", "voc")
 DATA_CHECKS = ("lenient", "strict", "off")
 OPTIMIZERS = ("sgd", "adamw")
@@ -239,6 +240,25 @@ def _check_roi_heads(model: ModelConfig, out: list[Problem]) -> None:
     key = "model.roi_heads"
     _choice(out, f"{key}.box_head", heads.box_head, BOX_HEADS)
     _choice(out, f"{key}.pooler", heads.pooler, POOLERS)
+    _choice(out, f"{key}.roi_align_kernel", heads.roi_align_kernel, ROI_ALIGN_KERNELS)
+    if heads.roi_align_kernel == "grid_sample":
+        if heads.pooler != "align":
+            out.append(
+                (
+                    f"{key}.roi_align_kernel",
+                    f"grid_sample computes RoIAlign, but model.roi_heads.pooler is "
+                    f"'{heads.pooler}'; use pooler align, or roi_align_kernel torchvision",
+                )
+            )
+        elif not heads.sampling_ratio >= 1:
+            out.append(
+                (
+                    f"{key}.roi_align_kernel",
+                    f"grid_sample needs a fixed model.roi_heads.sampling_ratio >= 1, got "
+                    f"{heads.sampling_ratio!r} (0 is adaptive); set one (torchvision's detectors "
+                    f"use 2), or roi_align_kernel torchvision",
+                )
+            )
     needs = {"res5": "resnet50_c4 or resnet101_c4", "vgg_fc": "vgg16"}.get(heads.box_head)
     if needs is not None and model.backbone.name not in needs.split(" or "):
         out.append(

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from frcnn.config.checks import ROI_ALIGN_KERNELS
 from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel
 from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
-from frcnn.modeling.roi_heads.roi_align_jobs import RoIJob, split_jobs
+from frcnn.modeling.roi_heads.roi_align_jobs import KERNELS, RoIJob, split_jobs
 
 
 def _boxes(num_images: int, per_image: int, size: int, seed: int) -> torch.Tensor:
@@ -59,7 +60,11 @@ def test_split_jobs_covers_every_roi_once_in_order() -> None:
         for job in jobs:
             level_counts = counts[job.level][job.first_image : job.end_image]
             assert sum(level_counts) == job.end_roi - job.first_roi > 0
-    assert split_jobs(counts, 1) == [RoIJob(0, 0, 4, 0, 10), RoIJob(2, 0, 4, 10, 15)]
+            assert job.counts == tuple(level_counts)
+    assert split_jobs(counts, 1) == [
+        RoIJob(0, 0, 4, 0, 10, (3, 0, 5, 2)),
+        RoIJob(2, 0, 4, 10, 15, (1, 4, 0, 0)),
+    ]
     assert split_jobs([[0, 0]], 2) == []
 
 
@@ -233,3 +238,85 @@ def test_blocks_equal_multiscale_roi_align(workers: int) -> None:
     torch.autograd.backward(blocks[:-1], pieces[:-1])
     for name in names:
         assert torch.equal(features[name].grad, references[name].grad), name
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [1, 2])
+def test_grid_sample_kernel_single_level_equals_torchvision(
+    workers: int, aligned: bool, sampling_ratio: int
+) -> None:
+    """kernel="grid_sample" (model.roi_heads.roi_align_kernel) through the jobs: torchvision's
+    values and feature gradients to float64 rounding, however many jobs run."""
+    boxes = _boxes(3, 17, 64, seed=10).double()
+    feature = torch.randn(3, 5, 8, 8, dtype=torch.float64, requires_grad=True)
+    reference = feature.detach().clone().requires_grad_(True)
+    rois = torch.cat([torch.arange(3.0).repeat_interleave(17)[:, None], boxes.reshape(-1, 4)], 1)
+    expected = roi_align(reference, rois.double(), 7, 0.125, sampling_ratio, aligned=aligned)
+    pooler = SingleLevelPooler("f", 7, "align", sampling_ratio, aligned, kernel="grid_sample")
+    pooled = pooler(OrderedDict(f=feature), boxes, [(64, 64)] * 3, (64, 64))
+    assert pooled.dtype == torch.float64
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+    torch.testing.assert_close(feature.grad, reference.grad, rtol=0, atol=1e-12)
+
+
+def test_grid_sample_kernel_multi_level_equals_multiscale_roi_align(workers: int) -> None:
+    """Over FPN levels, with images that have no RoI on some level, a NaN box (a zero row), a
+    channels_last level and a frozen one: MultiScaleRoIAlign's rows and gradients to rounding."""
+    torch.manual_seed(0)
+    image_sizes = [(256, 192), (240, 256), (256, 256)]
+    boxes = _boxes(3, 30, 240, seed=11).double()
+    boxes[1, :5] *= 0.05  # small boxes: the lowest level, from one image only
+    boxes[2, 7] = float("nan")
+    boxes[0, 1:3] = torch.tensor([-150.0, -120.0, 400.0, 380.0])  # big: the top level
+    names = ["0", "1", "2", "3"]
+    maps = [torch.randn(3, 4, 64 >> i, 64 >> i, dtype=torch.float64) for i in range(4)]
+    features = OrderedDict((n, m.clone().requires_grad_(True)) for n, m in zip(names, maps))
+    features["1"] = maps[1].contiguous(memory_format=torch.channels_last)  # frozen, strided
+    references = OrderedDict((n, m.clone().requires_grad_(n != "1")) for n, m in zip(names, maps))
+    pooler = MultiLevelPooler(names, 7, 2, kernel="grid_sample")
+    pooled = pooler(features, boxes, image_sizes, (256, 256))
+    safe = boxes.clone()
+    safe[2, 7] = 0.0  # torchvision's pooler with the NaN box relies on undefined casts
+    expected = MultiScaleRoIAlign(names, 7, 2)(references, list(safe.unbind(0)), image_sizes)
+    finite = torch.isfinite(boxes.reshape(-1, 4)).all(dim=1)
+    torch.testing.assert_close(pooled[finite], expected[finite], rtol=0, atol=1e-12)
+    assert torch.equal(pooled[~finite], torch.zeros(1, 4, 7, 7, dtype=torch.float64))
+    grad = torch.randn_like(expected)
+    grad[~finite] = 0.0
+    expected.backward(grad)
+    pooled.backward(grad)
+    assert features["1"].grad is None
+    for name in ("0", "2", "3"):
+        assert references[name].grad.abs().sum() > 0, name  # every level got RoIs
+        torch.testing.assert_close(
+            features[name].grad, references[name].grad, rtol=0, atol=1e-12, msg=name
+        )
+
+
+def test_grid_sample_kernel_pools_bf16_in_float32() -> None:
+    """As torchvision's autocast rule: bf16 features are pooled in float32, returned in bf16
+    (within one bf16 rounding of torchvision's float32 result), under autocast too."""
+    boxes = _boxes(2, 5, 64, seed=12)
+    feature = torch.randn(2, 3, 8, 8).bfloat16().requires_grad_(True)
+    rois = torch.cat([torch.arange(2.0).repeat_interleave(5)[:, None], boxes.reshape(-1, 4)], 1)
+    expected = roi_align(feature.detach().float(), rois, 7, 0.125, 2)
+    pooler = SingleLevelPooler("f", 7, "align", 2, kernel="grid_sample")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
+    assert pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled.float(), expected, rtol=8e-3, atol=1e-5)
+    pooled.float().sum().backward()
+    assert feature.grad.dtype == torch.bfloat16 and feature.grad.abs().sum() > 0
+
+
+def test_grid_sample_kernel_refuses_what_it_cannot_compute() -> None:
+    assert ROI_ALIGN_KERNELS == KERNELS  # the config's choices are the poolers'
+    with pytest.raises(ValueError, match="one of torchvision, grid_sample, got 'cuda'"):
+        SingleLevelPooler("f", 7, "align", 2, kernel="cuda")
+    with pytest.raises(ValueError, match="fixed sampling_ratio >= 1, got 0"):
+        MultiLevelPooler(["0"], 7, 0, kernel="grid_sample")
+    with pytest.raises(ValueError, match="RoIPool has torchvision's"):
+        SingleLevelPooler("f", 7, "pool", kernel="grid_sample")

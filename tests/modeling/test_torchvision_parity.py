@@ -16,7 +16,7 @@ from torchvision.models.detection import (
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from frcnn.build import build_model
-from frcnn.config import load_config
+from frcnn.config import load_config, with_overrides
 from frcnn.modeling.weight_import import convert_torchvision_state_dict, freeze_batch_norm
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "torchvision"
@@ -99,8 +99,20 @@ CASES = [
 
 @pytest.mark.parametrize("arch,builder", CASES, ids=[c[0] for c in CASES])
 def test_same_proposals_and_detections(arch: str, builder) -> None:
+    _same_proposals_and_detections(arch, builder, "torchvision")
+
+
+def test_same_detections_with_the_grid_sample_roi_align_kernel() -> None:
+    """The speed setting model.roi_heads.roi_align_kernel=grid_sample pools to float rounding
+    what torchvision's kernel pools: the detections stay within the same tolerances."""
+    arch, builder = CASES[1]  # the MobileNet FPN: the cheaper of the two
+    _same_proposals_and_detections(arch, builder, "grid_sample")
+
+
+def _same_proposals_and_detections(arch: str, builder, roi_align_kernel: str) -> None:
     reference = _confident_torchvision(builder, seed=0)
     cfg = load_config(CONFIGS / f"{arch}.yaml")
+    cfg = with_overrides(cfg, [f"model.roi_heads.roi_align_kernel={roi_align_kernel}"])
     model = build_model(cfg.model).eval()
     state = convert_torchvision_state_dict(reference.state_dict(), cfg.model.rpn.objectness)
     model.load_state_dict(state)
@@ -112,6 +124,7 @@ def test_same_proposals_and_detections(arch: str, builder) -> None:
     model.roi_heads.postprocess = dataclasses.replace(
         model.roi_heads.postprocess, detections_per_image=2000, score_thresh=0.3
     )
+    assert model.roi_heads.pooler.kernel == roi_align_kernel
 
     with torch.no_grad():
         ref_images, _ = reference.transform(images)

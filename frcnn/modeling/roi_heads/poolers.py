@@ -1,6 +1,7 @@
 """RoI feature extraction with torchvision's kernels: RoIAlign or RoIPool on one level, and
 RoIAlign over the FPN levels with each box on the level its size picks (FPN paper, eq. 1), as
-torchvision's MultiScaleRoIAlign does.
+torchvision's MultiScaleRoIAlign does. RoIAlign can run on PyTorch's grid_sample kernels instead
+(``kernel="grid_sample"``, grid_roi_align.py), the same values to rounding.
 
 Shapes: N images, S RoIs per image, L levels, Ch channels, P x P the pooled size.
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
 from frcnn.modeling import parallel
-from frcnn.modeling.roi_heads.roi_align_jobs import roi_align_blocks, split_jobs
+from frcnn.modeling.roi_heads.roi_align_jobs import check_kernel, roi_align_blocks, split_jobs
 
 
 class _Pooler(nn.Module):
@@ -49,15 +50,20 @@ class SingleLevelPooler(_Pooler):
         kind: str = "align",
         sampling_ratio: int = 0,
         aligned: bool = False,
+        kernel: str = "torchvision",
     ) -> None:
         super().__init__()
         if kind not in ("align", "pool"):
             raise ValueError(f"pooler must be 'align' or 'pool', got {kind!r}")
+        if kind == "pool" and kernel != "torchvision":
+            raise ValueError(f"the {kernel!r} kernel computes RoIAlign; RoIPool has torchvision's")
+        check_kernel(kernel, sampling_ratio if kind == "align" else 1)
         self.feature_name = feature_name
         self.output_size = output_size
         self.kind = kind
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.kernel = kernel
 
     def pool_blocks(
         self,
@@ -83,6 +89,7 @@ class SingleLevelPooler(_Pooler):
             self.output_size,
             self.sampling_ratio,
             self.aligned,
+            self.kernel,
         )
         return blocks, None
 
@@ -99,8 +106,11 @@ class MultiLevelPooler(_Pooler):
         sampling_ratio: int = 2,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        kernel: str = "torchvision",
     ) -> None:
         super().__init__()
+        check_kernel(kernel, sampling_ratio)
+        self.kernel = kernel
         self.feature_names = list(feature_names)
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
@@ -147,6 +157,7 @@ class MultiLevelPooler(_Pooler):
             self.output_size,
             self.sampling_ratio,
             False,
+            self.kernel,
         )
         return blocks, order
 

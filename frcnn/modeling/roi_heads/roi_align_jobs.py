@@ -11,7 +11,9 @@ run in parallel on a CPU (frcnn/modeling/parallel.py); on other devices one afte
 
 Every RoI is pooled by the same kernel with the same arguments, and every image's gradient is
 accumulated over its RoIs in their original order, so the results are bitwise those of one
-``torchvision.ops.roi_align`` call per level, however the work is split.
+``torchvision.ops.roi_align`` call per level, however the work is split. The grid_sample kernel
+(a speed setting, grid_roi_align.py) runs as the same jobs; its results equal torchvision's to
+float rounding.
 
 Memory and copies: each job's pooled rows are one kernel call's output, and stay that tensor: the
 result is a tuple of blocks, one per job, which a row-wise box head takes one by one (its outputs
@@ -33,17 +35,27 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from frcnn.modeling.parallel import run_jobs
+from frcnn.modeling.roi_heads.grid_roi_align import (
+    grid_roi_align,
+    grid_roi_align_backward,
+    sampling_grid,
+)
+
+# the RoIAlign kernels a pooler can use (model.roi_heads.roi_align_kernel)
+KERNELS = ("torchvision", "grid_sample")
 
 
 @dataclass(frozen=True)
 class RoIJob:
-    """RoIs ``first_roi:end_roi`` (all from images ``first_image:end_image``) on ``level``."""
+    """RoIs ``first_roi:end_roi`` (all from images ``first_image:end_image``, ``counts`` of
+    them per image) on ``level``."""
 
     level: int
     first_image: int
     end_image: int
     first_roi: int
     end_roi: int
+    counts: tuple[int, ...]
 
 
 def split_jobs(rois_per_level_image: Sequence[Sequence[int]], num_workers: int) -> list[RoIJob]:
@@ -60,7 +72,8 @@ def split_jobs(rois_per_level_image: Sequence[Sequence[int]], num_workers: int) 
             if taken >= target or image == len(counts) - 1:
                 if taken:
                     end_roi = first_roi + taken
-                    jobs.append(RoIJob(level, first_image, image + 1, first_roi, end_roi))
+                    images = tuple(counts[first_image : image + 1])
+                    jobs.append(RoIJob(level, first_image, image + 1, first_roi, end_roi, images))
                     first_roi = end_roi
                 first_image, taken = image + 1, 0
     return jobs
@@ -74,12 +87,29 @@ def roi_align_blocks(
     output_size: int,
     sampling_ratio: int,
     aligned: bool,
+    kernel: str = "torchvision",
 ) -> tuple[Tensor, ...]:
     """Pool ``rois`` (M, 5), sorted by (level, image), as ``jobs`` say -> one (rows, Ch, P, P)
     block per job, then one block of zeros for the RoIs after the last job's, if any: the blocks
-    in order are the M pooled rows. Differentiable with respect to the features."""
-    settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned)
+    in order are the M pooled rows. Differentiable with respect to the features.
+
+    ``kernel``: "torchvision" (``torchvision.ops.roi_align``'s kernels) or "grid_sample" (the
+    same sampling through PyTorch's grid_sample kernels, grid_roi_align.py: equal to rounding,
+    faster on a CPU; a fixed ``sampling_ratio`` >= 1 only)."""
+    check_kernel(kernel, sampling_ratio)
+    settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned, kernel)
     return _RoIAlignJobs.apply(rois, settings, *features)
+
+
+def check_kernel(kernel: str, sampling_ratio: int) -> None:
+    """A ValueError for a kernel that is not one of KERNELS or cannot take ``sampling_ratio``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"RoIAlign kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "grid_sample" and sampling_ratio < 1:
+        raise ValueError(
+            f"the grid_sample RoIAlign kernel needs a fixed sampling_ratio >= 1, got "
+            f"{sampling_ratio} (0, adaptive, places a different number of points in every RoI)"
+        )
 
 
 class _RoIAlignJobs(torch.autograd.Function):
@@ -90,7 +120,7 @@ class _RoIAlignJobs(torch.autograd.Function):
         settings: tuple,
         *features: Tensor,
     ) -> tuple[Tensor, ...]:
-        scales, jobs, size, sampling_ratio, aligned = settings
+        scales, jobs, size, sampling_ratio, aligned, kernel = settings
         dtype = features[0].dtype
         # torchvision's autocast rule for RoIAlign: compute in float32 (or float64 if given),
         # return the input's dtype
@@ -98,6 +128,24 @@ class _RoIAlignJobs(torch.autograd.Function):
         # the kernel makes its input contiguous: once per level here, not once per job (a
         # channels_last model's features would be copied whole for every job otherwise)
         maps = [feature.to(compute).contiguous() for feature in features]
+
+        grids: list[Tensor | None] = [None] * len(jobs)  # grid_sample: kept for the backward
+
+        def pool_grid(index: int) -> Tensor:
+            job = jobs[index]
+            feature = maps[job.level][job.first_image : job.end_image]
+            with torch.autocast(feature.device.type, enabled=False):
+                grid = sampling_grid(
+                    rois[job.first_roi : job.end_roi, 1:].to(compute),
+                    scales[job.level],
+                    size,
+                    sampling_ratio,
+                    aligned,
+                    feature.shape[-2],
+                    feature.shape[-1],
+                )
+                grids[index] = grid
+                return grid_roi_align(feature, grid, job.counts, size, sampling_ratio).to(dtype)
 
         def pool(index: int) -> Tensor:
             job = jobs[index]
@@ -111,7 +159,8 @@ class _RoIAlignJobs(torch.autograd.Function):
                 aligned,
             ).to(dtype)
 
-        blocks = run_jobs(pool, len(jobs), maps[0].device)
+        work = pool_grid if kernel == "grid_sample" else pool
+        blocks = run_jobs(work, len(jobs), maps[0].device)
         pooled_rows = jobs[-1].end_roi if jobs else 0
         if pooled_rows < rois.shape[0] or not blocks:
             rows = rois.shape[0] - pooled_rows
@@ -119,7 +168,13 @@ class _RoIAlignJobs(torch.autograd.Function):
             blocks.append(zeros)
             ctx.mark_non_differentiable(zeros)
         ctx.settings = settings
-        ctx.save_for_backward(rois)
+        if kernel == "grid_sample":
+            # grid_sample's backward takes its input (the RPN head's convolution keeps these
+            # features for its own backward already: no memory is added)
+            ctx.grids = grids
+            ctx.save_for_backward(rois, *features)
+        else:
+            ctx.save_for_backward(rois)
         ctx.shapes = [feature.shape for feature in features]
         ctx.dtypes = [feature.dtype for feature in features]
         return tuple(blocks)
@@ -127,9 +182,23 @@ class _RoIAlignJobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_blocks: Tensor) -> tuple:  # noqa: ANN001
-        scales, jobs, size, sampling_ratio, aligned = ctx.settings
-        (rois,) = ctx.saved_tensors
+        scales, jobs, size, sampling_ratio, aligned, kernel = ctx.settings
+        rois, *features = ctx.saved_tensors
         compute = torch.promote_types(grad_blocks[0].dtype, torch.float32)
+
+        def backward_grid(index: int) -> Tensor:
+            """As backward_one, through grid_sample's backward."""
+            job = jobs[index]
+            feature = features[job.level][job.first_image : job.end_image]
+            with torch.autocast(feature.device.type, enabled=False):
+                return grid_roi_align_backward(
+                    grad_blocks[index].to(compute),
+                    feature.to(compute).contiguous(),
+                    ctx.grids[index],
+                    job.counts,
+                    size,
+                    sampling_ratio,
+                )
 
         def backward_one(index: int) -> Tensor:
             """The gradient of images first_image:end_image of the job's level."""
@@ -151,7 +220,8 @@ class _RoIAlignJobs(torch.autograd.Function):
 
         # no work for levels that need no gradient (frozen features)
         wanted = [i for i, job in enumerate(jobs) if ctx.needs_input_grad[2 + job.level]]
-        done = run_jobs(lambda k: backward_one(wanted[k]), len(wanted), grad_blocks[0].device)
+        work = backward_grid if kernel == "grid_sample" else backward_one
+        done = run_jobs(lambda k: work(wanted[k]), len(wanted), grad_blocks[0].device)
         pieces = dict(zip(wanted, done))
         feature_grads = []
         for level, (shape, dtype, needed) in enumerate(
