@@ -54,15 +54,18 @@ def sampling_grid(
     steps = torch.arange(size * sampling_ratio, device=boxes.device, dtype=boxes.dtype)
     steps = (steps + 0.5) / sampling_ratio  # (Ps,) in bins
     points = corners[:, None, :2] + steps[None, :, None] * bin_size[:, None, :]  # (M, Ps, 2)
-    limits = torch.tensor([width, height], device=boxes.device, dtype=boxes.dtype)
-    # torchvision: a point beyond [-1, W] x [-1, H] reads 0 (NaN too); inside, it is clamped
-    inside = (points >= -1.0) & (points <= limits)  # (M, Ps, 2)
-    points = torch.minimum(points.clamp(min=0.0), limits - 1)
-    normalised = (2 * points + 1) / limits - 1  # grid_sample, align_corners=False
-    x, y = normalised[..., 0], normalised[..., 1]  # (M, Ps) each
+    # per axis with Python bounds: a tensor of (W, H) made here would be a host-to-device copy
+    axes = []
+    for axis, limit in ((0, width), (1, height)):
+        values = points[..., axis]  # (M, Ps)
+        # torchvision: a point beyond [-1, W] (or NaN) reads 0; within, it is clamped to the map
+        inside = (values >= -1.0) & (values <= limit)
+        values = values.clamp(min=0.0, max=limit - 1)
+        axes.append(((2 * values + 1) / limit - 1, inside))  # grid_sample, align_corners=False
+    (x, inside_x), (y, inside_y) = axes
     x = x[:, None, :].expand(-1, x.shape[1], -1)  # (M, Ps) -> (M, Ps rows, Ps columns)
     y = y[:, :, None].expand(-1, -1, y.shape[1])
-    valid = inside[:, None, :, 0] & inside[:, :, None, 1]  # (M, Ps, Ps)
+    valid = inside_x[:, None, :] & inside_y[:, :, None]  # (M, Ps, Ps)
     grid = torch.stack([x, y], dim=-1)  # (M, Ps, Ps, 2)
     return torch.where(valid[..., None], grid, torch.full_like(grid, _OUTSIDE))
 
