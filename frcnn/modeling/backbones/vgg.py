@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models import vgg16
 
 from frcnn.modeling.backbones.common import SingleFeatureBackbone, load_pretrained
-from frcnn.modeling.roi_heads.box_heads import SequentialHead
+from frcnn.modeling.roi_heads.box_heads import InputReleasingLinear, SequentialHead
 
 # features[:10] are conv1_x and conv2_x (with their ReLUs and pools): frozen in the paper
 _FIRST_TRAINABLE = {5: 0, 4: 5, 3: 10, 2: 17, 1: 24, 0: 30}
@@ -28,5 +28,14 @@ def vgg16_backbone(
     for layer in list(trunk)[: _FIRST_TRAINABLE[trainable_layers]]:
         for parameter in layer.parameters():
             parameter.requires_grad_(False)
-    fc_head = nn.Sequential(*list(model.classifier)[:-1])  # fc6, relu, dropout, fc7, relu, dropout
+    layers = list(model.classifier)[:-1]  # fc6, relu, dropout, fc7, relu, dropout
+    layers[0] = _input_releasing(layers[0])  # fc6's input: every RoI's 25088 pooled features
+    fc_head = nn.Sequential(*layers)
     return SingleFeatureBackbone(trunk, "conv5", 512), SequentialHead(fc_head, 4096, flatten=True)
+
+
+def _input_releasing(linear: nn.Linear) -> InputReleasingLinear:
+    """The same parameters in an InputReleasingLinear (built on the meta device: no new init)."""
+    lean = InputReleasingLinear(linear.in_features, linear.out_features, device="meta")
+    lean.weight, lean.bias = linear.weight, linear.bias
+    return lean

@@ -1,0 +1,131 @@
+"""InputReleasingLinear: nn.Linear's results; the input is let go of before its gradient exists."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from frcnn.modeling.roi_heads.box_heads import InputReleasingLinear, MLP2Head
+
+
+def _pair(bias: bool = True) -> tuple[nn.Linear, InputReleasingLinear]:
+    reference = nn.Linear(12, 5, bias=bias).double()
+    lean = InputReleasingLinear(12, 5, bias=bias).double()
+    lean.load_state_dict(reference.state_dict())
+    return reference, lean
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, backwards: int = 1) -> list[torch.Tensor | None]:
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    layer.zero_grad(set_to_none=True)
+    out = layer(x * 1.5)
+    loss = (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
+    for index in range(backwards):
+        loss.backward(retain_graph=index + 1 < backwards)
+    return [out, x.grad, *(p.grad for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_values_and_gradients_equal_nn_linear(bias: bool, x_grad: bool) -> None:
+    reference, lean = _pair(bias)
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=x_grad)
+    for ours, theirs in zip(_grads(lean, x), _grads(reference, x), strict=True):
+        if theirs is None:
+            assert ours is None
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_weight_gets_no_gradient() -> None:
+    reference, lean = _pair()
+    for layer in (reference, lean):
+        layer.weight.requires_grad_(False)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    ours, theirs = _grads(lean, x), _grads(reference, x)
+    assert lean.weight.grad is None
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lean.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_retain_graph_keeps_the_input_for_a_second_backward() -> None:
+    reference, lean = _pair()
+    x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    ours, theirs = _grads(lean, x, backwards=2), _grads(reference, x, backwards=2)
+    for mine, expected in zip(ours, theirs, strict=True):  # gradients accumulated twice
+        torch.testing.assert_close(mine, expected, rtol=1e-12, atol=1e-12)
+
+
+class _Packed:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _saved_alive_at_input_grad(layer: nn.Module) -> list[bool]:
+    """Whether each tensor the layer saved for backward is still held when the backward's
+    matrix product that makes the input's gradient runs."""
+    x = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
+    packed: list[weakref.ref] = []
+
+    def pack(tensor: torch.Tensor) -> _Packed:
+        holder = _Packed(tensor)
+        packed.append(weakref.ref(holder))
+        return holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        out = layer(x * 2.0)  # the layer's input exists only in the graph
+    alive: list[list[bool]] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            result = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default and result.shape == x.shape:
+                alive.append([ref() is not None for ref in packed])
+            return result
+
+    with Watch():
+        out.sum().backward()
+    assert len(alive) == 1, alive
+    return alive[0]
+
+
+def test_input_is_released_before_its_gradient_is_allocated() -> None:
+    reference, lean = _pair()
+    assert any(_saved_alive_at_input_grad(reference)), "nn.Linear holds its input there"
+    assert not any(_saved_alive_at_input_grad(lean))
+
+
+def test_autocast_matches_nn_linear_under_autocast() -> None:
+    reference, lean = nn.Linear(12, 5), InputReleasingLinear(12, 5)
+    lean.load_state_dict(reference.state_dict())
+    x = torch.randn(9, 12)
+    results = []
+    for layer in (lean, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x.clone().requires_grad_())
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results.append((out, layer.weight.grad, layer.bias.grad))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_inference_and_nd_inputs_take_nn_linear_path() -> None:
+    reference, lean = _pair()
+    with torch.no_grad():
+        x = torch.randn(3, 12, dtype=torch.float64)
+        assert lean(x).grad_fn is None
+        torch.testing.assert_close(lean(x), reference(x), rtol=0, atol=0)
+    x3 = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    assert type(lean(x3).grad_fn).__name__ == type(reference(x3).grad_fn).__name__
+
+
+def test_mlp2_head_state_dict_keys_are_nn_linear_keys() -> None:
+    head = MLP2Head(12, 8)
+    assert isinstance(head.fc6, InputReleasingLinear) and isinstance(head.fc6, nn.Linear)
+    assert list(head.state_dict()) == ["fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"]
