@@ -1,8 +1,9 @@
-"""The RoI poolers split into per-image jobs give torchvision's results bitwise, forward and
-backward, however many jobs run."""
+"""The RoI poolers split into jobs (image ranges forward, channel ranges backward) give
+torchvision's results bitwise, forward and backward, however many jobs run."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import pytest
@@ -13,7 +14,13 @@ from frcnn.config.checks import ROI_ALIGN_KERNELS
 from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel
 from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
-from frcnn.modeling.roi_heads.roi_align_jobs import KERNELS, RoIJob, split_jobs
+from frcnn.modeling.roi_heads.roi_align_jobs import (
+    CHUNKS_PER_WORKER,
+    KERNELS,
+    RoIJob,
+    channel_jobs,
+    split_jobs,
+)
 
 
 def _boxes(num_images: int, per_image: int, size: int, seed: int) -> torch.Tensor:
@@ -66,6 +73,62 @@ def test_split_jobs_covers_every_roi_once_in_order() -> None:
         RoIJob(2, 0, 4, 10, 15, (1, 4, 0, 0)),
     ]
     assert split_jobs([[0, 0]], 2) == []
+
+
+def test_split_jobs_ends_a_job_at_the_image_boundary_nearest_its_share() -> None:
+    # a share of 512: the two busy images make a job each, not one of 980 (no parallel work)
+    jobs = split_jobs([[492, 488], [43, 0]], 2)
+    assert [(j.level, j.first_image, j.end_image) for j in jobs] == [
+        (0, 0, 1),
+        (0, 1, 2),
+        (1, 0, 2),
+    ]
+    # nearer with the next image: 300 + 300 is 88 over the share of 512, 300 alone 212 under
+    jobs = split_jobs([[300, 300, 100, 100, 124]], 2)
+    assert [(j.first_image, j.end_image) for j in jobs] == [(0, 2), (2, 5)]
+
+
+def test_channel_jobs_cover_every_needed_channel_once() -> None:
+    rois, channels = [980, 43, 0, 1], [256, 256, 256, 128]
+    for workers in (2, 3, 8):
+        jobs = channel_jobs(rois, channels, workers)
+        for level, (count, width) in enumerate(zip(rois, channels)):
+            ranges = sorted((first, end) for lvl, first, end in jobs if lvl == level)
+            if not count:
+                assert not ranges
+                continue
+            assert ranges[0][0] == 0 and ranges[-1][1] == width
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+        busy = [job for job in jobs if job[0] == 0]
+        # the busy level is spread in proportion to its share of the RoIs
+        assert len(busy) == math.ceil(CHUNKS_PER_WORKER * workers * 980 / 1024) > workers
+        assert sum(job[0] == 3 for job in jobs) == 1  # a level of one RoI is one job
+        work = [rois[level] * (end - first) for level, first, end in jobs]
+        assert work == sorted(work, reverse=True)  # largest first
+    # one worker (an accelerator, or one CPU thread): a job per level, the kernel's own tensor
+    assert channel_jobs(rois, channels, 1) == [(0, 0, 256), (1, 0, 256), (3, 0, 128)]
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_one_busy_image_backward_in_channel_ranges_equals_torchvision(
+    workers: int, num_images: int
+) -> None:
+    """A batch of one or two images, nearly all RoIs on one level: the backward splits that
+    level's channels between the workers and must still give torchvision's gradient bitwise."""
+    torch.manual_seed(0)
+    boxes = _boxes(num_images, 30, 64, seed=4)
+    feature = torch.randn(num_images, 9, 8, 8, requires_grad=True)
+    reference = feature.detach().clone().requires_grad_(True)
+    image_index = torch.arange(float(num_images)).repeat_interleave(30)[:, None]
+    rois = torch.cat([image_index, boxes.reshape(-1, 4)], 1)
+    expected = roi_align(reference, rois, 7, 0.125, 2, aligned=False)
+    pooler = SingleLevelPooler("f", 7, "align", sampling_ratio=2)
+    pooled = pooler(OrderedDict(f=feature), boxes, [(64, 64)] * num_images, (64, 64))
+    assert torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+    assert torch.equal(feature.grad, reference.grad)
 
 
 def test_single_level_equals_torchvision_forward_and_backward(workers: int) -> None:
