@@ -117,9 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--roi-align-kernel",
         choices=KERNELS,
         default="torchvision",
-        help="frcnn only (model.roi_heads.roi_align_kernel): RoIAlign on torchvision's kernels "
-        "or on PyTorch's grid_sample kernels (equal to float rounding; the architecture's "
-        "sampling ratio must be >= 1)",
+        help="frcnn only (model.roi_heads.roi_align_kernel): RoIAlign on torchvision's kernels, "
+        "on PyTorch's grid_sample kernels, or torchvision's forward with a sparse-matrix "
+        "backward (the last two equal to float rounding; the architecture's sampling ratio "
+        "must be >= 1)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -49,7 +49,7 @@ NORMS = ("frozen_bn", "bn", "gn")
 OBJECTNESS = ("softmax", "sigmoid")
 BOX_HEADS = ("mlp2", "vgg_fc", "res5")
 POOLERS = ("align", "pool")
-ROI_ALIGN_KERNELS = ("torchvision", "grid_sample")  # roi_align_jobs.KERNELS, without torch
+ROI_ALIGN_KERNELS = ("torchvision", "grid_sample", "sparse")  # roi_align_jobs.KERNELS, no torch
 DATASET_FORMATS = ("coco", "voc")
 DATA_CHECKS = ("lenient", "strict", "off")
 OPTIMIZERS = ("sgd", "adamw")
@@ -241,12 +241,13 @@ def _check_roi_heads(model: ModelConfig, out: list[Problem]) -> None:
     _choice(out, f"{key}.box_head", heads.box_head, BOX_HEADS)
     _choice(out, f"{key}.pooler", heads.pooler, POOLERS)
     _choice(out, f"{key}.roi_align_kernel", heads.roi_align_kernel, ROI_ALIGN_KERNELS)
-    if heads.roi_align_kernel == "grid_sample":
+    kernel = heads.roi_align_kernel
+    if kernel in ("grid_sample", "sparse"):  # roi_align_jobs.FIXED_RATIO_KERNELS
         if heads.pooler != "align":
             out.append(
                 (
                     f"{key}.roi_align_kernel",
-                    f"grid_sample computes RoIAlign, but model.roi_heads.pooler is "
+                    f"{kernel} computes RoIAlign, but model.roi_heads.pooler is "
                     f"'{heads.pooler}'; use pooler align, or roi_align_kernel torchvision",
                 )
             )
@@ -254,7 +255,7 @@ def _check_roi_heads(model: ModelConfig, out: list[Problem]) -> None:
             out.append(
                 (
                     f"{key}.roi_align_kernel",
-                    f"grid_sample needs a fixed model.roi_heads.sampling_ratio >= 1, got "
+                    f"{kernel} needs a fixed model.roi_heads.sampling_ratio >= 1, got "
                     f"{heads.sampling_ratio!r} (0 is adaptive); set one (torchvision's detectors "
                     f"use 2), or roi_align_kernel torchvision",
                 )

@@ -67,10 +67,11 @@ class ROIHeadsConfig:
     pooler_resolution: int = 7
     sampling_ratio: int = 2
     aligned: bool = False
-    # speed setting: RoIAlign on torchvision's kernels, or on PyTorch's grid_sample kernels
-    # (the same sample points and edge rules, equal to float rounding, several times faster
-    # on a CPU; needs pooler align and sampling_ratio >= 1)
-    roi_align_kernel: str = "torchvision"  # torchvision | grid_sample
+    # speed setting: RoIAlign on torchvision's kernels; on PyTorch's grid_sample kernels (the
+    # same sample points and edge rules, equal to float rounding, a faster backward on a CPU);
+    # or sparse: torchvision's forward, the backward as sparse-matrix products (equal to float
+    # rounding, faster still). The last two need pooler align and sampling_ratio >= 1
+    roi_align_kernel: str = "torchvision"  # torchvision | grid_sample | sparse
     fg_iou_thresh: float = 0.5
     bg_iou_thresh_hi: float = 0.5
     bg_iou_thresh_lo: float = 0.0

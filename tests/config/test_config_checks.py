@@ -46,7 +46,7 @@ def test_the_defaults_are_valid():
         ),
         (["model.roi_heads.box_head=mlp3"], "allowed: mlp2, vgg_fc, res5"),
         (["model.roi_heads.pooler=max"], "allowed: align, pool"),
-        (["model.roi_heads.roi_align_kernel=cuda"], "allowed: torchvision, grid_sample"),
+        (["model.roi_heads.roi_align_kernel=cuda"], "allowed: torchvision, grid_sample, sparse"),
         (
             ["model.roi_heads.roi_align_kernel=grid_sample", "model.roi_heads.pooler=pool"],
             "grid_sample computes RoIAlign, but model.roi_heads.pooler is 'pool'",
@@ -54,6 +54,14 @@ def test_the_defaults_are_valid():
         (
             ["model.roi_heads.roi_align_kernel=grid_sample", "model.roi_heads.sampling_ratio=0"],
             "grid_sample needs a fixed model.roi_heads.sampling_ratio >= 1, got 0",
+        ),
+        (
+            ["model.roi_heads.roi_align_kernel=sparse", "model.roi_heads.pooler=pool"],
+            "sparse computes RoIAlign, but model.roi_heads.pooler is 'pool'",
+        ),
+        (
+            ["model.roi_heads.roi_align_kernel=sparse", "model.roi_heads.sampling_ratio=0"],
+            "sparse needs a fixed model.roi_heads.sampling_ratio >= 1, got 0",
         ),
         (["model.roi_heads.bbox_reg_weights=[10, 10, 5]"], "needs 4 values > 0"),
         (["model.roi_heads.box_head=res5"], "'res5' continues the resnet50_c4 or resnet101_c4"),

@@ -16,6 +16,7 @@ from frcnn.modeling import parallel
 from frcnn.modeling.roi_heads import MultiLevelPooler, SingleLevelPooler
 from frcnn.modeling.roi_heads.roi_align_jobs import (
     CHUNKS_PER_WORKER,
+    FIXED_RATIO_KERNELS,
     KERNELS,
     RoIJob,
     channel_jobs,
@@ -191,6 +192,23 @@ def test_multi_level_pooling_reads_the_host_once(num_images: int) -> None:
     assert syncs.total >= len(names), syncs  # the reference reads every level's size
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_kernels_backward_reads_the_host(workers: int, kernel: str) -> None:
+    """Forward and backward together read the host once: the pooler's per-(level, image)
+    counts; the backward's work follows the counts the host already has."""
+    names = ["0", "1", "2", "3"]
+    features = OrderedDict(
+        (n, torch.randn(2, 2, 32 >> i, 32 >> i, requires_grad=True)) for i, n in enumerate(names)
+    )
+    boxes = _boxes(2, 30, 128, seed=4)
+    pooler = MultiLevelPooler(names, 7, 2, kernel=kernel)
+    with count_host_syncs() as syncs:
+        pooler(features, boxes, [(128, 128)] * 2, (128, 128)).sum().backward()
+    assert syncs.total == 1, syncs
+    assert all(feature.grad is not None for feature in features.values())
+    assert features["0"].grad.abs().sum() > 0  # the backward ran
+
+
 def test_jobs_run_in_the_callers_grad_and_inference_modes(workers: int) -> None:
     boxes = _boxes(4, 6, 64, seed=5)
     feature = torch.randn(4, 3, 8, 8, requires_grad=True)
@@ -303,19 +321,20 @@ def test_blocks_equal_multiscale_roi_align(workers: int) -> None:
         assert torch.equal(features[name].grad, references[name].grad), name
 
 
+@pytest.mark.parametrize("kernel", FIXED_RATIO_KERNELS)
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [1, 2])
-def test_grid_sample_kernel_single_level_equals_torchvision(
-    workers: int, aligned: bool, sampling_ratio: int
+def test_fixed_ratio_kernel_single_level_equals_torchvision(
+    workers: int, aligned: bool, sampling_ratio: int, kernel: str
 ) -> None:
-    """kernel="grid_sample" (model.roi_heads.roi_align_kernel) through the jobs: torchvision's
-    values and feature gradients to float64 rounding, however many jobs run."""
+    """kernel="grid_sample" or "sparse" (model.roi_heads.roi_align_kernel) through the jobs:
+    torchvision's values and feature gradients to float64 rounding, however many jobs run."""
     boxes = _boxes(3, 17, 64, seed=10).double()
     feature = torch.randn(3, 5, 8, 8, dtype=torch.float64, requires_grad=True)
     reference = feature.detach().clone().requires_grad_(True)
     rois = torch.cat([torch.arange(3.0).repeat_interleave(17)[:, None], boxes.reshape(-1, 4)], 1)
     expected = roi_align(reference, rois.double(), 7, 0.125, sampling_ratio, aligned=aligned)
-    pooler = SingleLevelPooler("f", 7, "align", sampling_ratio, aligned, kernel="grid_sample")
+    pooler = SingleLevelPooler("f", 7, "align", sampling_ratio, aligned, kernel=kernel)
     pooled = pooler(OrderedDict(f=feature), boxes, [(64, 64)] * 3, (64, 64))
     assert pooled.dtype == torch.float64
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
@@ -325,7 +344,10 @@ def test_grid_sample_kernel_single_level_equals_torchvision(
     torch.testing.assert_close(feature.grad, reference.grad, rtol=0, atol=1e-12)
 
 
-def test_grid_sample_kernel_multi_level_equals_multiscale_roi_align(workers: int) -> None:
+@pytest.mark.parametrize("kernel", FIXED_RATIO_KERNELS)
+def test_fixed_ratio_kernel_multi_level_equals_multiscale_roi_align(
+    workers: int, kernel: str
+) -> None:
     """Over FPN levels, with images that have no RoI on some level, a NaN box (a zero row), a
     channels_last level and a frozen one: MultiScaleRoIAlign's rows and gradients to rounding."""
     torch.manual_seed(0)
@@ -339,7 +361,7 @@ def test_grid_sample_kernel_multi_level_equals_multiscale_roi_align(workers: int
     features = OrderedDict((n, m.clone().requires_grad_(True)) for n, m in zip(names, maps))
     features["1"] = maps[1].contiguous(memory_format=torch.channels_last)  # frozen, strided
     references = OrderedDict((n, m.clone().requires_grad_(n != "1")) for n, m in zip(names, maps))
-    pooler = MultiLevelPooler(names, 7, 2, kernel="grid_sample")
+    pooler = MultiLevelPooler(names, 7, 2, kernel=kernel)
     pooled = pooler(features, boxes, image_sizes, (256, 256))
     safe = boxes.clone()
     safe[2, 7] = 0.0  # torchvision's pooler with the NaN box relies on undefined casts
@@ -359,14 +381,16 @@ def test_grid_sample_kernel_multi_level_equals_multiscale_roi_align(workers: int
         )
 
 
-def test_grid_sample_kernel_pools_bf16_in_float32() -> None:
+@pytest.mark.parametrize("kernel", FIXED_RATIO_KERNELS)
+def test_fixed_ratio_kernel_pools_bf16_in_float32(kernel: str) -> None:
     """As torchvision's autocast rule: bf16 features are pooled in float32, returned in bf16
-    (within one bf16 rounding of torchvision's float32 result), under autocast too."""
+    (within one bf16 rounding of torchvision's float32 result), under autocast too; the
+    gradient comes back in bf16."""
     boxes = _boxes(2, 5, 64, seed=12)
     feature = torch.randn(2, 3, 8, 8).bfloat16().requires_grad_(True)
     rois = torch.cat([torch.arange(2.0).repeat_interleave(5)[:, None], boxes.reshape(-1, 4)], 1)
     expected = roi_align(feature.detach().float(), rois, 7, 0.125, 2)
-    pooler = SingleLevelPooler("f", 7, "align", 2, kernel="grid_sample")
+    pooler = SingleLevelPooler("f", 7, "align", 2, kernel=kernel)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = pooler(OrderedDict(f=feature), boxes, [], (64, 64))
     assert pooled.dtype == torch.bfloat16
@@ -375,11 +399,12 @@ def test_grid_sample_kernel_pools_bf16_in_float32() -> None:
     assert feature.grad.dtype == torch.bfloat16 and feature.grad.abs().sum() > 0
 
 
-def test_grid_sample_kernel_refuses_what_it_cannot_compute() -> None:
+@pytest.mark.parametrize("kernel", FIXED_RATIO_KERNELS)
+def test_fixed_ratio_kernel_refuses_what_it_cannot_compute(kernel: str) -> None:
     assert ROI_ALIGN_KERNELS == KERNELS  # the config's choices are the poolers'
-    with pytest.raises(ValueError, match="one of torchvision, grid_sample, got 'cuda'"):
+    with pytest.raises(ValueError, match="one of torchvision, grid_sample, sparse, got 'cuda'"):
         SingleLevelPooler("f", 7, "align", 2, kernel="cuda")
-    with pytest.raises(ValueError, match="fixed sampling_ratio >= 1, got 0"):
-        MultiLevelPooler(["0"], 7, 0, kernel="grid_sample")
+    with pytest.raises(ValueError, match=f"the {kernel} .* fixed sampling_ratio >= 1, got 0"):
+        MultiLevelPooler(["0"], 7, 0, kernel=kernel)
     with pytest.raises(ValueError, match="RoIPool has torchvision's"):
-        SingleLevelPooler("f", 7, "pool", kernel="grid_sample")
+        SingleLevelPooler("f", 7, "pool", kernel=kernel)

@@ -190,6 +190,32 @@ def test_channels_last_trains_like_the_default_format():
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kernel", ["grid_sample", "sparse"])
+def test_roi_align_kernel_trains_like_torchvisions(kernel: str):
+    """model.roi_heads.roi_align_kernel: a ResNet-18-FPN step in float64 gives torchvision's
+    kernel's losses and gradients to rounding (the same RoIs are sampled: the kernels differ in
+    the pooled values by rounding only)."""
+    config = FAMILIES["resnet18_fpn"]
+    default = build_model(config).double().train()
+    heads = dataclasses.replace(config.roi_heads, roi_align_kernel=kernel)
+    other = build_model(dataclasses.replace(config, roi_heads=heads)).double().train()
+    other.load_state_dict(default.state_dict())
+    images = [image.double() for image in _images()]
+    losses = []
+    for model in (default, other):
+        torch.manual_seed(1)
+        losses.append(model(images, _targets()))
+        sum(losses[-1].values()).backward()
+    for name in LOSS_KEYS:
+        torch.testing.assert_close(losses[1][name], losses[0][name], rtol=1e-10, atol=1e-12)
+    checked = 0
+    for (name, a), b in zip(default.named_parameters(), other.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=name)
+            checked += name.startswith("backbone.fpn") or name.startswith("backbone.body")
+    assert checked > 0  # the gradients through the pooler reached the backbone
+
+
 def test_eval_returns_detections_in_original_size():
     model = build_model(FAMILIES["small"]).eval()
     images = _images()  # (96, 128) and (112, 96)

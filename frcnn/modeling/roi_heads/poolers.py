@@ -1,7 +1,8 @@
 """RoI feature extraction with torchvision's kernels: RoIAlign or RoIPool on one level, and
 RoIAlign over the FPN levels with each box on the level its size picks (FPN paper, eq. 1), as
 torchvision's MultiScaleRoIAlign does. RoIAlign can run on PyTorch's grid_sample kernels instead
-(``kernel="grid_sample"``, grid_roi_align.py), the same values to rounding.
+(``kernel="grid_sample"``, grid_roi_align.py), the same values to rounding, or take its gradient
+from sparse-matrix products (``kernel="sparse"``, sparse_roi_align.py).
 
 Shapes: N images, S RoIs per image, L levels, Ch channels, P x P the pooled size.
 

@@ -15,11 +15,15 @@ CPU (frcnn/modeling/parallel.py); on other devices one after another.
   images, whose RoIs sit mostly on one level, splits as well as a large one.
 - Backward, the grid_sample kernel (a speed setting, grid_roi_align.py): each forward job owns
   its images' slice of the gradient.
+- Backward, the sparse kernel (a speed setting, sparse_roi_align.py; its forward is
+  torchvision's): one sparse-matrix product per (level, image) in the caller's thread, whose
+  kernels use every core.
 
 Every RoI is pooled by the same kernel with the same arguments, and with torchvision's kernel
 every channel's gradient is accumulated over the level's RoIs in their original order, so the
 results are bitwise those of one ``torchvision.ops.roi_align`` call per level, however the work
-is split. The grid_sample kernel's results equal torchvision's to float rounding.
+is split. The grid_sample kernel's results, and the sparse kernel's gradients, equal
+torchvision's to float rounding.
 
 Memory and copies: each job's pooled rows are one kernel call's output, and stay that tensor: the
 result is a tuple of blocks, one per job, which a row-wise box head takes one by one (its outputs
@@ -48,9 +52,12 @@ from frcnn.modeling.roi_heads.grid_roi_align import (
     grid_roi_align_backward,
     sampling_grid,
 )
+from frcnn.modeling.roi_heads.sparse_roi_align import sparse_roi_align_backward
 
 # the RoIAlign kernels a pooler can use (model.roi_heads.roi_align_kernel)
-KERNELS = ("torchvision", "grid_sample")
+KERNELS = ("torchvision", "grid_sample", "sparse")
+# the kernels that place a fixed sampling_ratio x sampling_ratio points in every bin
+FIXED_RATIO_KERNELS = ("grid_sample", "sparse")
 # channel ranges per worker in the torchvision kernel's backward: enough for the workers to
 # balance; each job's gradient (a level's images x its channels) is copied into place as it is
 # done, so at most one per worker exists beside the level's gradient
@@ -138,9 +145,11 @@ def roi_align_blocks(
     block per job, then one block of zeros for the RoIs after the last job's, if any: the blocks
     in order are the M pooled rows. Differentiable with respect to the features.
 
-    ``kernel``: "torchvision" (``torchvision.ops.roi_align``'s kernels) or "grid_sample" (the
+    ``kernel``: "torchvision" (``torchvision.ops.roi_align``'s kernels), "grid_sample" (the
     same sampling through PyTorch's grid_sample kernels, grid_roi_align.py: equal to rounding,
-    faster on a CPU; a fixed ``sampling_ratio`` >= 1 only)."""
+    faster on a CPU) or "sparse" (torchvision's forward, the backward as sparse-matrix products,
+    sparse_roi_align.py: equal to rounding, faster on a CPU). The last two need a fixed
+    ``sampling_ratio`` >= 1."""
     check_kernel(kernel, sampling_ratio)
     settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned, kernel)
     return _RoIAlignJobs.apply(rois, settings, *features)
@@ -150,9 +159,9 @@ def check_kernel(kernel: str, sampling_ratio: int) -> None:
     """A ValueError for a kernel that is not one of KERNELS or cannot take ``sampling_ratio``."""
     if kernel not in KERNELS:
         raise ValueError(f"RoIAlign kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel == "grid_sample" and sampling_ratio < 1:
+    if kernel in FIXED_RATIO_KERNELS and sampling_ratio < 1:
         raise ValueError(
-            f"the grid_sample RoIAlign kernel needs a fixed sampling_ratio >= 1, got "
+            f"the {kernel} RoIAlign kernel needs a fixed sampling_ratio >= 1, got "
             f"{sampling_ratio} (0, adaptive, places a different number of points in every RoI)"
         )
 
@@ -231,6 +240,8 @@ class _RoIAlignJobs(torch.autograd.Function):
         compute = torch.promote_types(grad_blocks[0].dtype, torch.float32)
         if ctx.settings[-1] == "grid_sample":
             return (None, None, *_grid_feature_grads(ctx, grad_blocks, features, compute))
+        if ctx.settings[-1] == "sparse":
+            return (None, None, *_sparse_feature_grads(ctx, grad_blocks, rois, compute))
         return (None, None, *_torchvision_feature_grads(ctx, grad_blocks, rois, compute))
 
 
@@ -270,6 +281,43 @@ def _grid_feature_grads(ctx, grad_blocks, features, compute) -> list[Tensor | No
             grad = grad_blocks[0].new_zeros(shape, dtype=compute)  # images without RoIs
             for i in mine:  # each piece is freed once copied
                 grad[jobs[i].first_image : jobs[i].end_image].copy_(pieces.pop(i))
+            grad = grad.to(dtype)
+        feature_grads.append(grad)
+    return feature_grads
+
+
+def _sparse_feature_grads(ctx, grad_blocks, rois, compute) -> list[Tensor | None]:  # noqa: ANN001
+    """The sparse kernel's backward, job by job in the caller's thread (the sparse products and
+    copies run on every core already): each job writes its images' slice of its level."""
+    scales, jobs, size, sampling_ratio, aligned, _ = ctx.settings
+    needed = ctx.needs_input_grad[2:]
+    grads: list[Tensor | None] = [None] * len(ctx.shapes)
+    for level, (shape, want) in enumerate(zip(ctx.shapes, needed)):
+        if want:  # every image a job pools from is written whole; the others are zeroed below
+            grads[level] = grad_blocks[0].new_empty(shape, dtype=compute)
+    written = [set() for _ in ctx.shapes]
+    for index, job in enumerate(jobs):
+        grad = grads[job.level]
+        if grad is None:
+            continue
+        with torch.autocast(grad.device.type, enabled=False):
+            sparse_roi_align_backward(
+                grad_blocks[index].to(compute),
+                rois[job.first_roi : job.end_roi, 1:].to(compute),
+                job.counts,
+                scales[job.level],
+                size,
+                sampling_ratio,
+                aligned,
+                grad[job.first_image : job.end_image],
+            )
+        images = range(job.first_image, job.end_image)
+        written[job.level].update(i for i, count in zip(images, job.counts) if count)
+    feature_grads: list[Tensor | None] = []
+    for grad, dtype, images in zip(grads, ctx.dtypes, written):
+        if grad is not None:
+            for image in sorted(set(range(grad.shape[0])) - images):
+                grad[image].zero_()
             grad = grad.to(dtype)
         feature_grads.append(grad)
     return feature_grads

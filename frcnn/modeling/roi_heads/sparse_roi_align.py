@@ -1,0 +1,166 @@
+"""RoIAlign's backward as sparse-matrix products (a speed setting,
+``model.roi_heads.roi_align_kernel: sparse``; the forward stays torchvision's kernel).
+
+Shapes: k images, M RoIs, Ch channels, H x W the feature map, P x P the pooled size, s the
+sampling ratio (s x s points per bin), B = M * P * P bins.
+
+RoIAlign is linear in the features, with the same weights for every channel: the pooled value of
+bin b in channel c is sum over pixels q of S[b, q] * feature[c, q], where row b of S holds the
+bilinear weights of the bin's s x s samples divided by s * s. So one image's feature gradient is
+the product S^T G, G (B, Ch) the gradient of its RoIs' bins. torchvision's CPU backward
+recomputes every sample's weights for each channel and adds them one scalar at a time on one
+thread; here the weights are computed once, S^T is built as a CSR matrix (a row per pixel, its
+bins in their order), and PyTorch's sparse-dense product computes the gradient on all cores.
+
+The weights follow torchvision's ``bilinear_interpolate_gradient``: a sample more than one pixel
+outside the map (or NaN) has none; within that pixel its coordinate is clamped to the map; on the
+last row or column both neighbours are the edge. They are separable: a sample's weight on pixel
+(y, x) is a y-weight times an x-weight, so each axis is computed once per RoI and bin. Entries of
+zero weight stay in the matrix (pointing at pixel 0 of the axis) so that every bin has the same
+number, 4 s^2, and nothing depends on the data's values: no count is read on the host. Each
+pixel's sum runs over its bins in order, so results are deterministic; they equal torchvision's
+to float rounding (the sums run in another order), not bitwise. One difference stays: a sample
+outside the map contributes 0 times its bin's gradient to the axis' pixel 0, so a NaN or inf in
+that bin's gradient reaches the feature gradient, which torchvision's skipped sample keeps out.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# channels per sparse product: the dense operands are (B, chunk) and (H * W, chunk) copies
+CHANNEL_CHUNK = 64
+
+_BETA_NOTE = re.escape("Sparse CSR tensor support is in beta state")
+_beta_note_taken = False
+
+
+def _take_beta_note() -> None:
+    """PyTorch warns once per process, on the first CSR tensor, that the layout is in beta: that
+    says nothing to the user of a pooler (this use of it is tested here). So the first CSR
+    tensor is made here, with that warning filtered, and the filters are restored (a filter set
+    for the process would be dropped by anyone who restores theirs, as pytest does)."""
+    global _beta_note_taken
+    if _beta_note_taken:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_NOTE, category=UserWarning)
+        empty = torch.zeros(0, dtype=torch.int64)
+        crow = torch.zeros(2, dtype=torch.int64)
+        torch.sparse_csr_tensor(crow, empty, empty.float(), (1, 1), check_invariants=False)
+    _beta_note_taken = True
+
+
+def axis_weights(
+    start: Tensor, length: Tensor, size: int, sampling_ratio: int, limit: int
+) -> tuple[Tensor, Tensor]:
+    """RoIs' ``start`` (M,) and ``length`` (M,) along one axis, in feature pixels -> the pixel
+    indices (M, P, 2s) along that axis of each bin's samples' two neighbours, and their
+    bilinear weights (M, P, 2s): torchvision's rules for a map ``limit`` pixels long."""
+    bin_size = length / size
+    step = torch.arange(size * sampling_ratio, device=start.device, dtype=start.dtype)
+    bins = torch.div(step, sampling_ratio, rounding_mode="floor")
+    within = (step - bins * sampling_ratio + 0.5) / sampling_ratio
+    position = start[:, None] + bins * bin_size[:, None] + within * bin_size[:, None]  # (M, Ps)
+    inside = (position >= -1.0) & (position <= limit)  # False for NaN too
+    position = position.clamp(min=0.0)
+    low = position.floor()
+    last = low >= limit - 1
+    low = torch.where(last, torch.full_like(low, limit - 1), low)
+    position = torch.where(last, low, position)
+    high = torch.where(last, low, low + 1)
+    fraction = position - low
+    weights = torch.stack([1.0 - fraction, fraction], dim=-1)  # (M, Ps, 2)
+    weights = torch.where(inside[..., None], weights, torch.zeros_like(weights))
+    index = torch.stack([low, high], dim=-1)
+    index = torch.where(inside[..., None], index, torch.zeros_like(index)).long()
+    return index.reshape(-1, size, 2 * sampling_ratio), weights.reshape(
+        -1, size, 2 * sampling_ratio
+    )
+
+
+def bin_weights(
+    boxes: Tensor,
+    scale: float,
+    size: int,
+    sampling_ratio: int,
+    aligned: bool,
+    height: int,
+    width: int,
+) -> tuple[Tensor, Tensor]:
+    """``boxes`` (M, 4) in image pixels -> the pixel index y * W + x (M, P * P, 4s^2) and the
+    weight (same shape) of every entry of each bin's row of S, bins row-major as RoIAlign's
+    output."""
+    offset = 0.5 if aligned else 0.0
+    corners = boxes * scale - offset
+    extent = corners[:, 2:] - corners[:, :2]  # (M, 2) width, height
+    if not aligned:
+        extent = extent.clamp(min=1.0)  # legacy RoIAlign: RoIs at least one pixel
+    rows, row_weights = axis_weights(corners[:, 1], extent[:, 1], size, sampling_ratio, height)
+    columns, column_weights = axis_weights(corners[:, 0], extent[:, 0], size, sampling_ratio, width)
+    # (M, P, 1, 2s, 1) against (M, 1, P, 1, 2s) -> (M, P, P, 2s, 2s)
+    index = rows[:, :, None, :, None] * width + columns[:, None, :, None, :]
+    weight = row_weights[:, :, None, :, None] * (
+        column_weights[:, None, :, None, :] / sampling_ratio**2
+    )
+    return index.reshape(boxes.shape[0], size * size, -1), weight.reshape(
+        boxes.shape[0], size * size, -1
+    )
+
+
+def transposed_matrix(index: Tensor, weight: Tensor, pixels: int) -> Tensor:
+    """One image's entries (B, E) from bin_weights -> S^T as a (pixels, B) CSR matrix: each
+    pixel's row lists its bins in order (duplicates, where two samples share a pixel, are kept
+    as separate entries)."""
+    _take_beta_note()
+    per_bin = index.shape[1]
+    flat = index.reshape(-1)
+    order_index, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(pixels + 1, device=flat.device, dtype=flat.dtype)
+    crow = torch.searchsorted(order_index, bounds)  # no bincount: its size would read the max
+    bins = torch.div(order, per_bin, rounding_mode="floor")
+    return torch.sparse_csr_tensor(
+        crow, bins, weight.reshape(-1)[order], (pixels, index.shape[0]), check_invariants=False
+    )
+
+
+def sparse_roi_align_backward(
+    grad_rows: Tensor,
+    boxes: Tensor,
+    counts: Sequence[int],
+    scale: float,
+    size: int,
+    sampling_ratio: int,
+    aligned: bool,
+    out: Tensor,
+) -> None:
+    """Write the feature gradient of RoIAlign's rows ``grad_rows`` (M, Ch, P, P) into ``out``
+    (k, Ch, H, W), contiguous: the RoIs ``boxes`` (M, 4) belong to the k images in order,
+    ``counts[i]`` of them to image i. Images without RoIs are left as they are."""
+    _, channels, height, width = out.shape
+    pixels = height * width
+    index, weight = bin_weights(boxes, scale, size, sampling_ratio, aligned, height, width)
+    first = 0
+    for image, count in enumerate(counts):
+        if not count:
+            continue
+        end = first + count
+        matrix = transposed_matrix(
+            index[first:end].reshape(count * size * size, -1),
+            weight[first:end].reshape(count * size * size, -1),
+            pixels,
+        )
+        for first_channel in range(0, channels, CHANNEL_CHUNK):
+            end_channel = min(first_channel + CHANNEL_CHUNK, channels)
+            # (count, chunk, P, P) -> (count * P * P, chunk): the bins' gradients as rows
+            grad = grad_rows[first:end, first_channel:end_channel].permute(0, 2, 3, 1)
+            grad = grad.reshape(count * size * size, end_channel - first_channel)
+            product = matrix @ grad  # (H * W, chunk)
+            target = out[image, first_channel:end_channel].view(-1, pixels)
+            target.copy_(product.t())
+        first = end
