@@ -68,8 +68,8 @@ def nms_calls(
     num_images = usable.shape[0]
     per_image = usable[0].numel() if num_images else 0
     ranges = call_ranges(usable.reshape(num_images, per_image))
-    boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
-    groups, usable = groups.reshape(-1), usable.reshape(-1)
+    shape = usable.shape
+    usable = usable.reshape(-1)
     cap = _candidate_cap(usable.device)
 
     def nms_one_range(index: int) -> Tensor:
@@ -77,7 +77,8 @@ def nms_calls(
         candidates = torch.nonzero(usable[first:end]).squeeze(1) + first
         # (the count is known on the host once nonzero returns: no read of its own)
         within_cap = cap is None or candidates.numel() <= cap
-        keep = _nms(boxes, scores, groups, candidates, iou_thresh, one_call and within_cap)
+        picked = [gather_flat(t, candidates, shape) for t in (boxes, scores, groups)]
+        keep = _nms(*picked, iou_thresh, one_call and within_cap)
         return candidates[keep]
 
     return parallel.run_jobs(nms_one_range, len(ranges), usable.device)
@@ -119,20 +120,24 @@ def _candidate_cap(device: torch.device) -> int | None:
     return None if device.type == "cpu" else MAX_CANDIDATES_PER_CALL
 
 
+def gather_flat(values: Tensor, flat_index: Tensor, shape: torch.Size) -> Tensor:
+    """The entries of ``values`` (*shape, ...) at ``flat_index`` (M,), indices into the
+    flattened ``shape``: (M, ...). A contiguous tensor is indexed as a flat view; any other
+    (a slice, an expanded view) through its own strides, so that it is never copied whole."""
+    if values.is_contiguous():
+        return values.reshape(-1, *values.shape[len(shape) :])[flat_index]
+    return values[torch.unravel_index(flat_index, shape)]
+
+
 def _nms(
-    boxes: Tensor,
-    scores: Tensor,
-    groups: Tensor,
-    candidates: Tensor,
-    iou_thresh: float,
-    one_call: bool,
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, one_call: bool
 ) -> Tensor:
-    """Indices into ``candidates`` kept by NMS within each group."""
+    """Indices into the candidates' ``boxes`` (M, 4), ``scores`` and ``groups`` (M,) kept by NMS
+    within each group."""
     # float64: the shift is up to (number of groups) x (coordinate span), and in float32 its
     # rounding would let one image's result depend on the others in its range
-    boxes = boxes[candidates].double()
-    scores = scores[candidates].double()
-    groups = groups[candidates]
+    boxes = boxes.double()
+    scores = scores.double()
     if not one_call:
         return batched_nms(boxes, scores, groups, iou_thresh)
     low = boxes.amin() if boxes.numel() else boxes.new_zeros(())

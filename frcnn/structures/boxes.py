@@ -63,13 +63,14 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor:
     if isinstance(image_size, Tensor):
         height = image_size[..., 0, None].to(boxes.dtype)
         width = image_size[..., 1, None].to(boxes.dtype)
-        x = torch.minimum(boxes[..., 0::2].clamp(min=0), width)
-        y = torch.minimum(boxes[..., 1::2].clamp(min=0), height)
     else:
         height, width = image_size
-        x = boxes[..., 0::2].clamp(min=0, max=width)
-        y = boxes[..., 1::2].clamp(min=0, max=height)
-    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+    # one new tensor, clamped in place through views of its columns (no per-column temporaries
+    # stacked back together); in-place on a fresh tensor, so autograd goes through it
+    clipped = boxes.clamp(min=0)
+    clipped[..., 0::2].clamp_(max=width)
+    clipped[..., 1::2].clamp_(max=height)
+    return clipped
 
 
 def scale_boxes(boxes: Tensor, scale_y: float, scale_x: float) -> Tensor:
@@ -138,5 +139,14 @@ class BoxCoder:
         half_w = 0.5 * torch.exp(dw) * ref_w
         half_h = 0.5 * torch.exp(dh) * ref_h
         # (..., K) x 4 -> (..., K, 4) -> (..., K*4)
-        boxes = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+        if torch.is_grad_enabled() and (deltas.requires_grad or reference.requires_grad):
+            boxes = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+        else:
+            # the corners written in place into their columns: no stack pass over the boxes
+            # (out= does not record autograd, hence the stack above when a gradient is wanted)
+            boxes = cx.new_empty((*cx.shape, 4))
+            torch.sub(cx, half_w, out=boxes[..., 0])
+            torch.sub(cy, half_h, out=boxes[..., 1])
+            torch.add(cx, half_w, out=boxes[..., 2])
+            torch.add(cy, half_h, out=boxes[..., 3])
         return boxes.flatten(-2)

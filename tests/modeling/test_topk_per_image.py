@@ -9,7 +9,7 @@ from torchvision.ops import batched_nms
 
 from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel, topk_per_image
-from frcnn.modeling.topk_per_image import call_ranges, nms_per_group, pack_images
+from frcnn.modeling.topk_per_image import call_ranges, gather_flat, nms_per_group, pack_images
 
 
 def test_a_cpu_call_per_thread_whatever_the_candidate_count(
@@ -25,6 +25,22 @@ def test_images_are_packed_under_the_cap() -> None:
     assert pack_images([300, 50000, 10, 10], 20000) == [(0, 1), (1, 2), (2, 4)]
     assert pack_images([0] * 5, 20000) == [(0, 5)]
     assert pack_images([], 20000) == []
+
+
+def test_gather_flat_reads_views_as_their_flattened_copies() -> None:
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 5, 7, 4, generator=generator)
+    index = torch.tensor([0, 6, 34, 104, 3 * 5 * 7 - 1, 6])
+    shape = torch.Size((3, 5, 7))
+    cases = {
+        "contiguous": base,
+        "sliced": base[..., 1:3],  # not contiguous
+        "expanded": base[:, :1].expand(-1, 5, -1, -1),  # stride 0
+        "no trailing dims": base[..., 2],
+    }
+    for name, values in cases.items():
+        expected = values.reshape(-1, *values.shape[3:])[index]
+        assert torch.equal(gather_flat(values, index, shape), expected), name
 
 
 def _candidates(num_images: int, per_image: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

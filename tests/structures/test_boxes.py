@@ -80,6 +80,26 @@ def test_decode_is_float32_for_half_inputs(random_boxes):
     assert coder.encode(reference, reference).dtype == torch.float32
 
 
+def test_decode_with_a_gradient_equals_the_decode_without(random_boxes):
+    """decode writes its corners in place when no gradient is wanted and stacks them when one
+    is: the same boxes, and the gradient of the stacked form flows to the deltas."""
+    reference = random_boxes(6, 5)
+    deltas = torch.randn((6, 5, 12), generator=torch.Generator().manual_seed(3))
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    with torch.no_grad():
+        plain = coder.decode(deltas, reference)
+    wanted = deltas.clone().requires_grad_()
+    traced = coder.decode(wanted, reference)
+    assert traced.requires_grad and torch.equal(traced.detach(), plain)
+    traced[..., 0].sum().backward()
+    # class 0's x1 = cx - w/2: d x1 / d dx = ref_w / wx, d x1 / d dw = -(w/2) / ww < 0, and
+    # nothing from its dy, dh or the other classes' deltas
+    ref_w = reference[..., 2] - reference[..., 0]
+    torch.testing.assert_close(wanted.grad[..., 0], ref_w / 10.0)
+    assert (wanted.grad[..., 2] < 0).all()
+    assert not wanted.grad[..., 1].any() and not wanted.grad[..., 3:].any()
+
+
 def test_box_coder_rejects_wrong_number_of_weights():
     with pytest.raises(ValueError, match="4 weights"):
         BoxCoder((1.0, 1.0, 1.0))
@@ -143,6 +163,19 @@ def test_clip_boxes_with_per_image_size_tensor(random_boxes):
         expected = clip_boxes_to_image(boxes[i], tuple(sizes[i].tolist()))
         torch.testing.assert_close(clipped[i], expected)
     assert not torch.equal(clipped, boxes)
+
+
+def test_clip_boxes_leaves_its_input_alone_and_passes_gradients(random_boxes):
+    boxes = (random_boxes(4, 10) - 40.0).requires_grad_()
+    before = boxes.detach().clone()
+    clipped = clip_boxes(boxes, torch.tensor([[60, 90]] * 4)[:, None, :])
+    assert torch.equal(boxes.detach(), before)
+    clipped.sum().backward()
+    # gradient 1 where a coordinate is inside the image, 0 where it was clipped
+    limits = torch.tensor([90.0, 60.0, 90.0, 60.0])
+    inside = (before > 0) & (before < limits)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(boxes.grad, inside.float())
 
 
 def test_clip_one_box_per_image_with_an_n_by_2_size_tensor():
