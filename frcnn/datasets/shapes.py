@@ -349,12 +349,18 @@ def _existing_layout(root: Path, params: dict) -> ShapesLayout | None:
     """The finished dataset at ``root`` if it matches ``params``; None if nothing is there."""
     marker = root / MARKER
     if not marker.is_file():
-        if root.is_dir() and any(root.iterdir()):
-            raise FileExistsError(
-                f"shapes dataset: {root} exists but holds no finished shapes dataset "
-                f"(no {MARKER}); delete it or set data.shapes.root to another folder"
-            )
-        return None
+        occupied = root.is_dir() and any(root.iterdir())
+        # A concurrent ensure_shapes may have renamed its finished folder into place between
+        # the first look and the listing; the rename brings the marker with it, so a second
+        # look decides (without it, a rank that lost that race took its peer's dataset for a
+        # stranger's folder and failed).
+        if not marker.is_file():
+            if occupied:
+                raise FileExistsError(
+                    f"shapes dataset: {root} exists but holds no finished shapes dataset "
+                    f"(no {MARKER}); delete it or set data.shapes.root to another folder"
+                )
+            return None
     found = json.loads(marker.read_text())
     if found != params:
         raise ValueError(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from frcnn.datasets.shapes import (
+    MARKER,
     SHAPES_CATEGORY_IDS,
     SHAPES_CLASSES,
     ShapesLayout,
@@ -142,6 +143,29 @@ def test_ensure_shapes_reuses_and_refuses_mismatch(tmp_path: Path) -> None:
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="foreign"):
         ensure_shapes(foreign, 2, 1, 48, seed=0)
+
+
+def test_a_dataset_renamed_into_place_between_two_looks_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a rank can lose to a peer: its first look finds no marker, the peer's finished
+    folder is renamed into place, then the listing finds a full folder. It must take the
+    dataset, not report a stranger's folder."""
+    root = tmp_path / "shapes"
+    layout = ensure_shapes(root, 2, 1, 48, seed=0)
+    marker = root / MARKER
+    real_is_file = Path.is_file
+    looks = []
+
+    def first_look_before_the_rename(path: Path) -> bool:
+        if path == marker and not looks:
+            looks.append(path)
+            return False
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", first_look_before_the_rename)
+    assert ensure_shapes(root, 2, 1, 48, seed=0) == layout
+    assert looks == [marker]
 
 
 def _ensure_in_child(root: str) -> None:
