@@ -7,6 +7,8 @@ slots per image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
@@ -65,10 +67,28 @@ def nms_calls(
     """nms_per_group's result per NMS call, in image order. A call covers a contiguous range of
     whole images and its count is known on the host, so the largest count bounds how many any
     one image kept, without a read."""
+    shape = usable.shape
+
+    def pick(candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(gather_flat(t, candidates, shape) for t in (boxes, scores, groups))
+
+    return nms_calls_of(pick, usable, iou_thresh, one_call)
+
+
+# maps a call's candidates, flat indices (M,) into usable's shape, to their boxes (M, 4), scores
+# (M,) and groups (M,)
+Pick = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def nms_calls_of(
+    pick: Pick, usable: Tensor, iou_thresh: float, one_call: bool = True
+) -> list[Tensor]:
+    """nms_calls with the candidates' boxes, scores and groups made by ``pick`` for the usable
+    candidates only, e.g. boxes decoded from deltas just for the detections above the score
+    threshold rather than for every class of every proposal."""
     num_images = usable.shape[0]
     per_image = usable[0].numel() if num_images else 0
     ranges = call_ranges(usable.reshape(num_images, per_image))
-    shape = usable.shape
     usable = usable.reshape(-1)
     cap = _candidate_cap(usable.device)
 
@@ -77,8 +97,7 @@ def nms_calls(
         candidates = torch.nonzero(usable[first:end]).squeeze(1) + first
         # (the count is known on the host once nonzero returns: no read of its own)
         within_cap = cap is None or candidates.numel() <= cap
-        picked = [gather_flat(t, candidates, shape) for t in (boxes, scores, groups)]
-        keep = _nms(*picked, iou_thresh, one_call and within_cap)
+        keep = _nms(*pick(candidates), iou_thresh, one_call and within_cap)
         return candidates[keep]
 
     return parallel.run_jobs(nms_one_range, len(ranges), usable.device)

@@ -130,20 +130,28 @@ class BoxCoder:
         ref_h = (reference[..., 3] - reference[..., 1])[..., None]
         ref_cx = reference[..., 0, None] + 0.5 * ref_w
         ref_cy = reference[..., 1, None] + 0.5 * ref_h
+        # The divisions make fresh tensors. With no gradient wanted the rest is done in place in
+        # them (no new (..., K) tensor per step) and the corners are written into their columns
+        # (no stack pass); out= and exp_ keep no usable autograd record, hence the out-of-place
+        # path when a gradient is wanted, or when ``reference`` broadcasts past ``deltas``. Both
+        # paths give the same bits (the factor 0.5 scales exactly).
         dx = deltas[..., 0::4] / wx
         dy = deltas[..., 1::4] / wy
-        dw = (deltas[..., 2::4] / ww).clamp(max=self.scale_clamp)
-        dh = (deltas[..., 3::4] / wh).clamp(max=self.scale_clamp)
-        cx = dx * ref_w + ref_cx
-        cy = dy * ref_h + ref_cy
-        half_w = 0.5 * torch.exp(dw) * ref_w
-        half_h = 0.5 * torch.exp(dh) * ref_h
-        # (..., K) x 4 -> (..., K, 4) -> (..., K*4)
-        if torch.is_grad_enabled() and (deltas.requires_grad or reference.requires_grad):
+        dw = deltas[..., 2::4] / ww
+        dh = deltas[..., 3::4] / wh
+        wants_grad = torch.is_grad_enabled() and (deltas.requires_grad or reference.requires_grad)
+        if wants_grad or torch.broadcast_shapes(dx.shape, ref_w.shape) != dx.shape:
+            cx = dx * ref_w + ref_cx
+            cy = dy * ref_h + ref_cy
+            half_w = 0.5 * torch.exp(dw.clamp(max=self.scale_clamp)) * ref_w
+            half_h = 0.5 * torch.exp(dh.clamp(max=self.scale_clamp)) * ref_h
+            # (..., K) x 4 -> (..., K, 4) -> (..., K*4)
             boxes = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
         else:
-            # the corners written in place into their columns: no stack pass over the boxes
-            # (out= does not record autograd, hence the stack above when a gradient is wanted)
+            cx = dx.mul_(ref_w).add_(ref_cx)
+            cy = dy.mul_(ref_h).add_(ref_cy)
+            half_w = dw.clamp_(max=self.scale_clamp).exp_().mul_(0.5 * ref_w)
+            half_h = dh.clamp_(max=self.scale_clamp).exp_().mul_(0.5 * ref_h)
             boxes = cx.new_empty((*cx.shape, 4))
             torch.sub(cx, half_w, out=boxes[..., 0])
             torch.sub(cy, half_h, out=boxes[..., 1])

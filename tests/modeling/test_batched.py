@@ -541,6 +541,42 @@ def test_postprocess_of_an_image_ignores_the_other_images(proposals):
         assert torch.equal(first[i].labels, second[i].labels)
 
 
+def test_postprocess_drops_boxes_clipped_to_nothing_like_torchvision():
+    """Boxes are decoded only for candidates above the score threshold, and the ones clipped
+    too small are dropped after that (scored -inf for NMS): the detections are torchvision's,
+    with high-scoring boxes outside the image among the candidates."""
+    generator = torch.Generator().manual_seed(5)
+    num_slots, num_classes, size = 12, 3, (64, 80)
+    corner = torch.rand(2, num_slots, 2, generator=generator) * 50
+    proposals = torch.cat([corner, corner + 8 + torch.rand(2, num_slots, 2) * 20], dim=-1)
+    proposals[:, :4] += torch.tensor([100.0, 0.0, 100.0, 0.0])  # right of both images
+    class_logits = torch.randn((2, num_slots, num_classes + 1), generator=generator)
+    class_logits[:, :4, 2] = 8.0  # the outside ones score high: they would be detections
+    box_deltas = torch.randn((2, num_slots, 4 * (num_classes + 1)), generator=generator) * 0.1
+    valid = torch.ones(2, num_slots, dtype=torch.bool)
+    valid[1, -2:] = False
+    settings = PostprocessSettings(score_thresh=0.05, nms_thresh=0.5, detections_per_image=20)
+    coder = BoxCoder(RCNN_WEIGHTS)
+    sizes = torch.tensor([size, size])
+    ours = postprocess_detections(
+        class_logits, box_deltas, proposals, valid, sizes, settings, coder
+    )
+    reference = TorchvisionRoIHeads(
+        None, None, None, 0.5, 0.5, 512, 0.25, RCNN_WEIGHTS, 0.05, 0.5, 20
+    )
+    for i in range(2):
+        ref_boxes, ref_scores, ref_labels = reference.postprocess_detections(
+            class_logits[i][valid[i]], box_deltas[i][valid[i]], [proposals[i][valid[i]]], [size]
+        )
+        assert 0 < len(ours[i]) < int(valid[i].sum()) * num_classes
+        torch.testing.assert_close(ours[i].boxes, ref_boxes[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours[i].scores, ref_scores[0], atol=1e-6, rtol=0)
+        assert torch.equal(ours[i].labels, ref_labels[0])
+        widths = ours[i].boxes[:, 2] - ours[i].boxes[:, 0]
+        assert (widths >= 1e-2).all()
+        assert (ours[i].scores < 0.9).all()  # none of the outside boxes
+
+
 def test_postprocess_without_detections():
     class_logits = torch.zeros(2, 5, 4)
     class_logits[..., 0] = 20.0  # background everywhere: no score above the threshold

@@ -100,6 +100,22 @@ def test_decode_with_a_gradient_equals_the_decode_without(random_boxes):
     assert not wanted.grad[..., 1].any() and not wanted.grad[..., 3:].any()
 
 
+def test_decode_leaves_its_inputs_alone_and_broadcasts_both_ways(random_boxes):
+    """The no-gradient decode works in place in its own temporaries only, and a reference that
+    broadcasts past the deltas (one set of deltas for several reference sets) still decodes."""
+    reference = random_boxes(3, 5)
+    deltas = torch.randn((5, 8), generator=torch.Generator().manual_seed(4))
+    kept_deltas, kept_reference = deltas.clone(), reference.clone()
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    boxes = coder.decode(deltas, reference)  # (5, 8) against (3, 5, 4) -> (3, 5, 8)
+    assert torch.equal(deltas, kept_deltas) and torch.equal(reference, kept_reference)
+    assert boxes.shape == (3, 5, 8)
+    for i in range(3):
+        assert torch.equal(boxes[i], coder.decode(deltas, reference[i]))
+    expected = TorchvisionBoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(deltas, reference[1])
+    torch.testing.assert_close(boxes[1], expected)
+
+
 def test_box_coder_rejects_wrong_number_of_weights():
     with pytest.raises(ValueError, match="4 weights"):
         BoxCoder((1.0, 1.0, 1.0))
