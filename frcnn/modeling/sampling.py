@@ -1,6 +1,6 @@
 """Balanced random sampling of positives and negatives, batched and free of host syncs.
 
-Shapes: N images, R candidates per image (anchors or proposals).
+Shapes: N images, R candidates per image (anchors or proposals), S = min(batch size, R) slots.
 """
 
 from __future__ import annotations
@@ -26,21 +26,70 @@ def subsample_labels(
     positive_fraction`` positives, ``batch_size_per_image`` negatives). The smallest keys of a
     random draw are a uniformly random subset.
     """
-    num_images, num_candidates = positive.shape
-    max_pos = int(batch_size_per_image * positive_fraction)
-    num_pos = positive.sum(dim=1).clamp(max=max_pos)
-    num_neg = torch.minimum(batch_size_per_image - num_pos, negative.sum(dim=1))
-    keys = torch.rand((num_images, num_candidates), generator=generator, device=positive.device)
-    chosen_pos = _smallest_keys(keys, positive, num_pos, max_pos)
-    chosen_neg = _smallest_keys(keys, negative, num_neg, batch_size_per_image)
+    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator)
+    chosen_pos = draw.mask(positive, draw.pos_index, draw.num_pos)
+    chosen_neg = draw.mask(negative, draw.neg_index, draw.num_neg)
     return chosen_pos, chosen_neg
 
 
-def _smallest_keys(keys: Tensor, members: Tensor, count: Tensor, max_count: int) -> Tensor:
-    """(N, R) mask of the ``count[i]`` members of row i with the smallest keys (keys in [0, 1),
-    ``count[i]`` at most the row's members and ``max_count``)."""
+def sample_slots(
+    positive: Tensor,
+    negative: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """subsample_labels' draw (the same candidates for the same generator state) as (N, S)
+    candidate indices: each row's chosen positives, then its chosen negatives, then unchosen
+    candidates filling the S slots; with the (N, S) masks of the slots that hold a chosen
+    positive and a chosen negative. No (N, R) mask is made and nothing is sorted again: the
+    slots are read off the two top-k's at offsets given by each row's counts."""
+    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator)
+    num_slots = min(batch_size_per_image, positive.shape[1])
+    slot = torch.arange(num_slots, device=positive.device)[None, :]
+    num_pos = draw.num_pos[:, None]
+    is_pos = slot < num_pos
+    is_neg = ~is_pos & (slot < num_pos + draw.num_neg[:, None])
+    # slot j < num_pos is the j-th positive; past it, the (j - num_pos)-th negative (or an
+    # unchosen candidate beyond the negatives taken): indices into [positives | negatives]
+    source = torch.where(is_pos, slot, draw.pos_index.shape[1] + slot - num_pos)
+    index = torch.gather(torch.cat([draw.pos_index, draw.neg_index], dim=1), 1, source)
+    return index, is_pos, is_neg
+
+
+class _Draw:
+    """One random key per candidate, in [0, 1); ``pos_index`` (N, kp) and ``neg_index`` (N, kn)
+    hold each row's candidates of that kind by increasing key, then others, and ``num_pos``,
+    ``num_neg`` (N,) how many of each are taken."""
+
+    def __init__(
+        self,
+        positive: Tensor,
+        negative: Tensor,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        num_images, num_candidates = positive.shape
+        max_pos = int(batch_size_per_image * positive_fraction)
+        self.num_pos = positive.sum(dim=1).clamp(max=max_pos)
+        self.num_neg = torch.minimum(batch_size_per_image - self.num_pos, negative.sum(dim=1))
+        keys = torch.rand((num_images, num_candidates), generator=generator, device=positive.device)
+        # non-members rank after every member (key 2); in the negatives' order the positives
+        # come last, largest key first, so that slot fillers read past the chosen negatives
+        # (sample_slots) reach the positives that were not chosen before any that were
+        self.pos_index = _smallest_keys(keys.masked_fill(~positive, 2.0), max_pos)
+        neg_keys = torch.where(positive, 3.0 - keys, keys.masked_fill(~negative, 2.0))
+        self.neg_index = _smallest_keys(neg_keys, batch_size_per_image)
+
+    @staticmethod
+    def mask(members: Tensor, index: Tensor, count: Tensor) -> Tensor:
+        """(N, R) mask of the first ``count[i]`` candidates of ``index``'s row i."""
+        taken = torch.arange(index.shape[1], device=index.device)[None, :] < count[:, None]
+        return torch.zeros_like(members).scatter_(1, index, taken)
+
+
+def _smallest_keys(keys: Tensor, max_count: int) -> Tensor:
+    """(N, k) indices of each row's smallest keys, in increasing order, k = min(max_count, R)."""
     k = min(max_count, keys.shape[1])
-    # (N, R) -> (N, k): non-members (key 2) rank after every member
-    _, index = keys.masked_fill(~members, 2.0).topk(k, dim=1, largest=False, sorted=True)
-    taken = torch.arange(k, device=keys.device)[None, :] < count[:, None]
-    return torch.zeros_like(members).scatter_(1, index, taken)
+    return keys.topk(k, dim=1, largest=False, sorted=True).indices

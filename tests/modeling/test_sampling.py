@@ -1,12 +1,13 @@
-"""Balanced sampling (subsample_labels) and the per-image slot filling after a batch-wide NMS
-(scatter_top_per_image): counts, subsets, independence of rows, hand-computed placements."""
+"""Balanced sampling (subsample_labels, and sample_slots: the same draw as slot indices) and
+the per-image slot filling after a batch-wide NMS (scatter_top_per_image): counts, subsets,
+independence of rows, hand-computed placements."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from frcnn.modeling.sampling import subsample_labels
+from frcnn.modeling.sampling import sample_slots, subsample_labels
 from frcnn.modeling.topk_per_image import scatter_top_per_image
 
 
@@ -83,6 +84,33 @@ def test_generator_makes_sampling_reproducible():
     first = subsample_labels(positive, negative, 8, 0.5, torch.Generator().manual_seed(3))
     again = subsample_labels(positive, negative, 8, 0.5, torch.Generator().manual_seed(3))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("batch_size, fraction", [(8, 0.5), (10, 0.25), (30, 0.5), (5, 0.5)])
+def test_slots_hold_the_same_draw_as_the_masks(batch_size, fraction):
+    """sample_slots takes the candidates subsample_labels marks (same generator state), puts
+    each row's positives first and its negatives next, and fills the rest with unchosen ones."""
+    positive, negative = _masks(ROWS)
+    chosen_pos, chosen_neg = subsample_labels(
+        positive, negative, batch_size, fraction, torch.Generator().manual_seed(1)
+    )
+    index, is_pos, is_neg = sample_slots(
+        positive, negative, batch_size, fraction, torch.Generator().manual_seed(1)
+    )
+    num_slots = min(batch_size, len(ROWS[0]))
+    assert index.shape == is_pos.shape == is_neg.shape == (len(ROWS), num_slots)
+    for row in range(len(ROWS)):
+        num_pos, num_neg = int(chosen_pos[row].sum()), int(chosen_neg[row].sum())
+        assert is_pos[row].tolist() == [True] * num_pos + [False] * (num_slots - num_pos)
+        expected_neg = [False] * num_pos + [True] * num_neg
+        assert is_neg[row].tolist() == expected_neg + [False] * (num_slots - len(expected_neg))
+        slots = index[row].tolist()
+        assert len(set(slots)) == num_slots  # no candidate twice
+        assert set(slots[:num_pos]) == set(torch.nonzero(chosen_pos[row]).flatten().tolist())
+        taken_neg = set(slots[num_pos : num_pos + num_neg])
+        assert taken_neg == set(torch.nonzero(chosen_neg[row]).flatten().tolist())
+        for candidate in slots[num_pos + num_neg :]:  # fillers: never a chosen candidate
+            assert not chosen_pos[row, candidate] and not chosen_neg[row, candidate]
 
 
 def test_scatter_top_per_image_hand_case():

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from frcnn.modeling.rpn.proposals import Proposals
-from frcnn.modeling.sampling import subsample_labels
+from frcnn.modeling.sampling import sample_slots
 from frcnn.structures import IGNORE, BoxCoder, Targets, batched_box_iou
 
 
@@ -21,7 +22,8 @@ from frcnn.structures import IGNORE, BoxCoder, Targets, batched_box_iou
 class RoISamples:
     """``boxes`` (N, S, 4) sampled RoIs, ``labels`` (N, S) int64 class (0 background, IGNORE for
     unfilled slots), ``box_targets`` (N, S, 4) deltas towards the matched box, zero unless
-    foreground. Foreground RoIs come first in every image."""
+    foreground. Every image's foreground RoIs come first, then its background ones, each in
+    random order."""
 
     boxes: Tensor
     labels: Tensor
@@ -39,17 +41,17 @@ class ProposalTargetSettings:
 
 def pad_targets(targets: list[Targets], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Ground truth padded to (N, Gm, 4) boxes, (N, Gm) labels and (N, Gm) usable mask (real,
-    not crowd)."""
-    max_gt = max((len(t) for t in targets), default=0)
-    boxes = torch.zeros((len(targets), max_gt, 4), device=device)
-    labels = torch.zeros((len(targets), max_gt), dtype=torch.int64, device=device)
-    usable = torch.zeros((len(targets), max_gt), dtype=torch.bool, device=device)
-    for i, target in enumerate(targets):
-        count = len(target)
-        boxes[i, :count] = target.boxes
-        labels[i, :count] = target.labels
-        usable[i, :count] = ~target.iscrowd
-    return boxes, labels, usable
+    not crowd): one padding op per field, not a copy per image."""
+    if not targets:
+        return (
+            torch.zeros((0, 0, 4), device=device),
+            torch.zeros((0, 0), dtype=torch.int64, device=device),
+            torch.zeros((0, 0), dtype=torch.bool, device=device),
+        )
+    boxes = pad_sequence([t.boxes.float() for t in targets], batch_first=True)
+    labels = pad_sequence([t.labels.long() for t in targets], batch_first=True)
+    crowd = pad_sequence([t.iscrowd for t in targets], batch_first=True, padding_value=True)
+    return boxes.to(device), labels.to(device), ~crowd.to(device)
 
 
 def sample_proposals(
@@ -80,43 +82,28 @@ def sample_proposals(
         & (max_iou >= settings.bg_iou_thresh_lo)
         & ~foreground
     )
-    chosen_fg, chosen_bg = subsample_labels(
+    # (N, S) candidate indices: the sampled foreground, then background, then unfilled slots
+    index, is_fg, is_bg = sample_slots(
         foreground,
         background,
         settings.batch_size_per_image,
         settings.positive_fraction,
         generator,
     )
-    index = _pick_slots(chosen_fg, chosen_bg, settings.batch_size_per_image)  # (N, S)
-    return _gather_samples(
-        candidates, index, chosen_fg, chosen_bg, matched, gt_boxes, gt_labels, box_coder
-    )
-
-
-def _pick_slots(chosen_fg: Tensor, chosen_bg: Tensor, batch_size_per_image: int) -> Tensor:
-    """Indices (N, S) of the chosen candidates: foreground first, then background, each in
-    candidate order, then unchosen ones to fill the fixed number of slots."""
-    num_candidates = chosen_fg.shape[1]
-    order = torch.arange(num_candidates, device=chosen_fg.device, dtype=torch.float32)
-    tie_break = 0.5 * (1.0 - order / num_candidates)  # earlier candidates first, in [0, 0.5]
-    key = 2.0 * chosen_fg + 1.0 * chosen_bg + tie_break
-    num_slots = min(batch_size_per_image, num_candidates)
-    return key.topk(num_slots, dim=1).indices
+    return _gather_samples(candidates, index, is_fg, is_bg, matched, gt_boxes, gt_labels, box_coder)
 
 
 def _gather_samples(
     candidates: Tensor,
     index: Tensor,
-    chosen_fg: Tensor,
-    chosen_bg: Tensor,
+    is_fg: Tensor,
+    is_bg: Tensor,
     matched: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
     box_coder: BoxCoder,
 ) -> RoISamples:
     boxes = torch.gather(candidates, 1, index[..., None].expand(-1, -1, 4))
-    is_fg = torch.gather(chosen_fg, 1, index)
-    is_bg = torch.gather(chosen_bg, 1, index)
     matched = torch.gather(matched, 1, index)
     labels = (
         torch.gather(gt_labels, 1, matched) if gt_labels.shape[1] else torch.zeros_like(matched)
