@@ -40,10 +40,10 @@ def sample_slots(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """subsample_labels' draw (the same candidates for the same generator state) as (N, S)
-    candidate indices: each row's chosen positives, then its chosen negatives, then unchosen
-    candidates filling the S slots; with the (N, S) masks of the slots that hold a chosen
-    positive and a chosen negative. No (N, R) mask is made and nothing is sorted again: the
-    slots are read off the two top-k's at offsets given by each row's counts."""
+    candidate indices: each row's chosen positives, then its chosen negatives, each in candidate
+    order, then unchosen candidates filling the S slots; with the (N, S) masks of the slots that
+    hold a chosen positive and a chosen negative. No (N, R) mask is made: the slots are read off
+    the two top-k's at offsets given by each row's counts, and only the S slots are sorted."""
     draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator)
     num_slots = min(batch_size_per_image, positive.shape[1])
     slot = torch.arange(num_slots, device=positive.device)[None, :]
@@ -54,7 +54,12 @@ def sample_slots(
     # unchosen candidate beyond the negatives taken): indices into [positives | negatives]
     source = torch.where(is_pos, slot, draw.pos_index.shape[1] + slot - num_pos)
     index = torch.gather(torch.cat([draw.pos_index, draw.neg_index], dim=1), 1, source)
-    return index, is_pos, is_neg
+    # each kind's slots in candidate order rather than the draw's: the losses sum over the
+    # slots, so their float rounding then depends on which candidates were drawn, not on the
+    # keys' order (and is the same as when the slots came from sorting the chosen masks)
+    kind = torch.where(is_pos, 0, torch.where(is_neg, 1, 2))
+    order = (kind * positive.shape[1] + index).argsort(dim=1)
+    return torch.gather(index, 1, order), is_pos, is_neg
 
 
 class _Draw:

@@ -89,7 +89,8 @@ def test_generator_makes_sampling_reproducible():
 @pytest.mark.parametrize("batch_size, fraction", [(8, 0.5), (10, 0.25), (30, 0.5), (5, 0.5)])
 def test_slots_hold_the_same_draw_as_the_masks(batch_size, fraction):
     """sample_slots takes the candidates subsample_labels marks (same generator state), puts
-    each row's positives first and its negatives next, and fills the rest with unchosen ones."""
+    each row's positives first and its negatives next, each in candidate order, and fills the
+    rest with unchosen ones."""
     positive, negative = _masks(ROWS)
     chosen_pos, chosen_neg = subsample_labels(
         positive, negative, batch_size, fraction, torch.Generator().manual_seed(1)
@@ -106,9 +107,10 @@ def test_slots_hold_the_same_draw_as_the_masks(batch_size, fraction):
         assert is_neg[row].tolist() == expected_neg + [False] * (num_slots - len(expected_neg))
         slots = index[row].tolist()
         assert len(set(slots)) == num_slots  # no candidate twice
-        assert set(slots[:num_pos]) == set(torch.nonzero(chosen_pos[row]).flatten().tolist())
-        taken_neg = set(slots[num_pos : num_pos + num_neg])
-        assert taken_neg == set(torch.nonzero(chosen_neg[row]).flatten().tolist())
+        # the same candidates, each kind in candidate order
+        assert slots[:num_pos] == torch.nonzero(chosen_pos[row]).flatten().tolist()
+        taken_neg = slots[num_pos : num_pos + num_neg]
+        assert taken_neg == torch.nonzero(chosen_neg[row]).flatten().tolist()
         for candidate in slots[num_pos + num_neg :]:  # fillers: never a chosen candidate
             assert not chosen_pos[row, candidate] and not chosen_neg[row, candidate]
 

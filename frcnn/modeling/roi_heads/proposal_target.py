@@ -23,7 +23,7 @@ class RoISamples:
     """``boxes`` (N, S, 4) sampled RoIs, ``labels`` (N, S) int64 class (0 background, IGNORE for
     unfilled slots), ``box_targets`` (N, S, 4) deltas towards the matched box, zero unless
     foreground. Every image's foreground RoIs come first, then its background ones, each in
-    random order."""
+    candidate order (proposals, then ground truth)."""
 
     boxes: Tensor
     labels: Tensor
