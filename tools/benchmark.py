@@ -6,7 +6,8 @@ weights, same generated inputs, measured alternately in one run.
 Rows (medians): training step (forward + backward + SGD step), inference per image, peak memory
 of a training step (CPU: RSS growth of a fresh subprocess per side, glibc's mmap threshold fixed
 unless --malloc default; CUDA: max_memory_allocated),
-and the anchor-target, proposal, proposal-target and post-processing stages alone.
+and the anchor-target, proposal, proposal-target and post-processing stages alone (--stage-iters
+rounds each).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gt-boxes", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--stage-iters",
+        type=int,
+        default=50,
+        help="timed rounds of each stage line (default: 50; the stages take milliseconds, and "
+        "a median of a few such calls on a shared CPU moves by more than the gaps it measures)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     parser.add_argument(
@@ -162,7 +170,8 @@ def _batch_list(text: str) -> list[int]:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name, low in (("batch", 1), ("size", 32), ("gt_boxes", 0), ("iters", 1), ("warmup", 0)):
+    bounds = {"batch": 1, "size": 32, "gt_boxes": 0, "iters": 1, "warmup": 0, "stage_iters": 1}
+    for name, low in bounds.items():
         if getattr(args, name) < low:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} must be >= {low}, got {getattr(args, name)}")
@@ -683,7 +692,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, object]:
             make_row("peak memory (train step)", measure_memory(args, argv, train, device), "MB")
         )
     for name, steps in stage_steps(ours, theirs, inputs).items():
-        times = alternate(steps, max(args.warmup, 1), args.iters, device)
+        times = alternate(steps, max(args.warmup, 1), args.stage_iters, device)
         rows.append(make_row(name, {side: 1000 * t for side, t in times.items()}, "ms"))
     rows.extend(count_syncs(args, ours, theirs, device))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

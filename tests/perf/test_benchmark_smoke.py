@@ -38,7 +38,7 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(TOOL), "--arch", "quickstart", "--batch", "2", "--size", "96"]
     command += ["--iters", "1", "--warmup", "0", "--gt-boxes", "3", "--no-memory"]
-    command += ["--sync-batches", "2,4"]
+    command += ["--stage-iters", "2", "--sync-batches", "2,4"]
     # two threads: NMS runs one call per thread's range of images, so the count is fixed from
     # batch 2 on whatever this machine's core count
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -66,6 +66,7 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
     assert result["hardware"]["cpu_count"] >= 1
     assert result["torch"] and result["torchvision"]
     assert result["config"]["batch"] == 2 and result["config"]["size"] == 96
+    assert result["config"]["stage_iters"] == 2
     assert "model.rpn.objectness=sigmoid" in result["config"]["overrides"]
     for name in TIME_ROWS:
         assert name in done.stdout  # the printed table
@@ -77,6 +78,7 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
         (["--batch", "0"], "--batch"),
         (["--size", "8"], "--size"),
         (["--iters", "0"], "--iters"),
+        (["--stage-iters", "0"], "--stage-iters"),
         (["--gt-boxes", "-1"], "--gt-boxes"),
         (["--arch", "vgg"], "--arch"),
         (["--amp", "fp8"], "--amp"),
