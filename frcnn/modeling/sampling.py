@@ -44,7 +44,7 @@ def sample_slots(
     order, then unchosen candidates filling the S slots; with the (N, S) masks of the slots that
     hold a chosen positive and a chosen negative. No (N, R) mask is made: the slots are read off
     the two top-k's at offsets given by each row's counts, and only the S slots are sorted."""
-    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator)
+    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator, True)
     num_slots = min(batch_size_per_image, positive.shape[1])
     slot = torch.arange(num_slots, device=positive.device)[None, :]
     num_pos = draw.num_pos[:, None]
@@ -64,8 +64,8 @@ def sample_slots(
 
 class _Draw:
     """One random key per candidate, in [0, 1); ``pos_index`` (N, kp) and ``neg_index`` (N, kn)
-    hold each row's candidates of that kind by increasing key, then others, and ``num_pos``,
-    ``num_neg`` (N,) how many of each are taken."""
+    hold each row's candidates of that kind by increasing key, then others (``fill_slots``: the
+    positives last among them), and ``num_pos``, ``num_neg`` (N,) how many of each are taken."""
 
     def __init__(
         self,
@@ -74,17 +74,21 @@ class _Draw:
         batch_size_per_image: int,
         positive_fraction: float,
         generator: torch.Generator | None,
+        fill_slots: bool = False,
     ) -> None:
         num_images, num_candidates = positive.shape
         max_pos = int(batch_size_per_image * positive_fraction)
         self.num_pos = positive.sum(dim=1).clamp(max=max_pos)
         self.num_neg = torch.minimum(batch_size_per_image - self.num_pos, negative.sum(dim=1))
         keys = torch.rand((num_images, num_candidates), generator=generator, device=positive.device)
-        # non-members rank after every member (key 2); in the negatives' order the positives
-        # come last, largest key first, so that slot fillers read past the chosen negatives
-        # (sample_slots) reach the positives that were not chosen before any that were
+        # non-members rank after every member (key 2)
         self.pos_index = _smallest_keys(keys.masked_fill(~positive, 2.0), max_pos)
-        neg_keys = torch.where(positive, 3.0 - keys, keys.masked_fill(~negative, 2.0))
+        neg_keys = keys.masked_fill(~negative, 2.0)
+        if fill_slots:
+            # the positives last in the negatives' order, largest key first, so that slot
+            # fillers read past the chosen negatives reach the positives that were not chosen
+            # before any that were
+            neg_keys = torch.where(positive, 3.0 - keys, neg_keys)
         self.neg_index = _smallest_keys(neg_keys, batch_size_per_image)
 
     @staticmethod
