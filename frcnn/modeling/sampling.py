@@ -44,7 +44,9 @@ def sample_slots(
     order, then unchosen candidates filling the S slots; with the (N, S) masks of the slots that
     hold a chosen positive and a chosen negative. No (N, R) mask is made: the slots are read off
     the two top-k's at offsets given by each row's counts, and only the S slots are sorted."""
-    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator, True)
+    draw = _Draw(
+        positive, negative, batch_size_per_image, positive_fraction, generator, fill_slots=True
+    )
     num_slots = min(batch_size_per_image, positive.shape[1])
     slot = torch.arange(num_slots, device=positive.device)[None, :]
     num_pos = draw.num_pos[:, None]

@@ -71,6 +71,8 @@ def postprocess_detections(
     one_call = scores.device.type != "cpu"
     calls = nms_calls_of(pick, usable, settings.nms_thresh, one_call)
     kept = torch.cat(calls) if calls else usable.new_zeros(0, dtype=torch.int64)
+    # the kept ones described again (at most the candidates, far fewer than N x K x C): cheaper
+    # than carrying every job's candidate boxes out of nms_calls_of, and the same bits
     image, cls, kept_scores, kept_boxes, large = describe(kept)
     filled, (det_boxes, det_scores, det_labels) = scatter_top_per_image(
         torch.where(large, image, num_images),  # image N: not kept at all
