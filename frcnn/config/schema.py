@@ -96,9 +96,10 @@ class ModelConfig:
     # local frcnn checkpoint to start from (e.g. made by tools/convert_weights.py); "" = none
     weights: str = ""
     channels_last: bool = False
-    # fold each frozen batch norm into the convolution before it where no gradient passes
-    # (inference, frozen stages): speed; equal up to rounding (under autocast the folded outputs
-    # stay in its dtype); state_dict keys unchanged; needs backbone.norm frozen_bn
+    # fold each frozen batch norm into the convolution before it (trainable stages through an
+    # autograd function that keeps no copy of the weight; unfolded there under autocast):
+    # speed; equal up to rounding (under autocast the folded outputs stay in its dtype);
+    # state_dict keys unchanged; needs backbone.norm frozen_bn
     fold_frozen_bn: bool = False
     # torch.compile the backbone, RPN head and box head / predictor (not NMS, not sampling); the
     # first steps pay the compile time, state_dict keys are unchanged

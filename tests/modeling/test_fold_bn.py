@@ -13,7 +13,11 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn.build import build_model
 from frcnn.config import AnchorConfig, BackboneConfig, ModelConfig, ROIHeadsConfig, RPNConfig
-from frcnn.modeling.backbones.fold_bn import ConvFrozenBN2d, FoldedFrozenBatchNorm2d
+from frcnn.modeling.backbones.fold_bn import (
+    ConvFrozenBN2d,
+    FoldedFrozenBatchNorm2d,
+    fold_frozen_batch_norm,
+)
 from frcnn.structures import Targets
 
 FPN_SIZES = [[32.0], [64.0], [128.0], [256.0], [512.0]]
@@ -139,11 +143,11 @@ def test_nothing_to_fold_is_an_error_naming_the_setting(backbone: str, norm: str
         build_model(_config(backbone, fold=True, norm=norm))
 
 
-def test_no_fold_where_a_gradient_passes_so_no_copy_of_the_weight_is_kept() -> None:
-    """With a gradient to take, the folded weight would be saved for the backward: a copy of the
-    weight. A trainable layer, or a frozen one whose input takes a gradient, keeps no tensor of
-    the weight's size but the weight itself; a frozen layer on a gradient-free input folds and
-    keeps nothing. Each computes the conv-then-norm values."""
+def test_a_gradient_keeps_no_copy_of_the_weight() -> None:
+    """With a gradient to take, autograd would save a folded weight for the backward: a copy of
+    the weight. A trainable layer, or a frozen one whose input takes a gradient, keeps no tensor
+    of the weight's size but the weight itself; a frozen layer on a gradient-free input keeps
+    nothing. Each computes the conv-then-norm values."""
     _, folded = _pair("resnet18_fpn")
     convs = [m for m in folded.modules() if isinstance(m, ConvFrozenBN2d)]
     trainable = next(m for m in convs if m.weight.requires_grad)
@@ -157,10 +161,72 @@ def test_no_fold_where_a_gradient_passes_so_no_copy_of_the_weight_is_kept() -> N
         assert all(t.data_ptr() == conv.weight.data_ptr() for t in weight_sized)
         if conv is frozen and not input_grad:
             assert not saved and not out.requires_grad
+        else:
+            assert weight_sized  # the weight is what the backward folds again
         scale, shift = conv.norm.scale_and_shift()
         unfolded = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
         expected = unfolded * scale[:, None, None] + shift[:, None, None]
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _folded_conv(bias: bool, **settings: object) -> torch.nn.Sequential:
+    """Conv2d -> FrozenBatchNorm2d in float64, BN statistics not the identity, folded: the
+    trainable ConvFrozenBN2d and the identity norm."""
+    generator = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(4, 6, 3, bias=bias, **settings).double()
+    norm = FrozenBatchNorm2d(6).double()
+    norm.weight.copy_(torch.rand(6, generator=generator) + 0.5)
+    norm.bias.copy_(torch.randn(6, generator=generator))
+    norm.running_mean.copy_(torch.randn(6, generator=generator))
+    norm.running_var.copy_(torch.rand(6, generator=generator) + 0.5)
+    model = torch.nn.Sequential(conv, norm)
+    assert fold_frozen_batch_norm(model) == 1
+    assert isinstance(model[0], ConvFrozenBN2d)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("bias", "settings"),
+    [(False, {}), (True, {"stride": 2, "padding": 1}), (True, {"dilation": 2, "groups": 2})],
+)
+def test_folded_gradients_pass_gradcheck(bias: bool, settings: dict) -> None:
+    """The folded layer's backward (the weight folded again, the convolution's backward, the
+    gradients scaled back) against numerical differentiation, for the input, the weight and the
+    bias."""
+    model = _folded_conv(bias, **settings)
+    conv = model[0]
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    params = [conv.weight] + ([conv.bias] if bias else [])
+
+    def function(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(
+            model, {name: v for name, v in zip(["0.weight", "0.bias"], values)}, (x,)
+        )
+
+    assert torch.autograd.gradcheck(function, (x, *params))
+
+
+def test_folded_gradients_in_channels_last_equal_the_unfolded_pair() -> None:
+    model = _folded_conv(True, padding=1)
+    conv = model[0]
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    grads = []
+    for memory_format, folded in (
+        (torch.contiguous_format, False),
+        (torch.channels_last, True),
+    ):
+        conv.zero_grad()
+        x_in = x.contiguous(memory_format=memory_format).detach().requires_grad_(True)
+        if folded:
+            out = model(x_in)
+        else:
+            scale, shift = conv.norm.scale_and_shift()
+            out = conv._conv_forward(x_in, conv.weight, conv.bias)
+            out = out * scale[:, None, None] + shift[:, None, None]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out, x_in.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for ours, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_folded_model_under_bf16_autocast_and_compile() -> None:

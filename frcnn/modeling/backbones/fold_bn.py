@@ -8,24 +8,32 @@ computed at every call from the live parameters and buffers, so loading a checkp
 moving devices work as before, and the state_dict keys are unchanged: the norm layer stays in
 place, holding its buffers, and passes its input through.
 
-The fold applies where no gradient passes through the convolution: the frozen layers at the
-bottom of a trunk, and every layer at inference. Elsewhere the weight product would be kept for
-the backward, a second copy of the weight (about 90 MB for ResNet-50's trainable stages), and
-the layer computes conv(x, W) * s + t in one expression instead, at the unfolded pair's cost.
+Where no gradient passes through the convolution (the frozen layers at the bottom of a trunk,
+and every layer at inference) the fold is a plain convolution with the folded weight. Where one
+does, autograd would save the folded weight for the backward, a second copy of the weight (about
+90 MB for ResNet-50's trainable stages); there the fold runs as its own autograd function
+(_FoldedConv) that saves the convolution's input and the weight parameter itself, as the
+unfolded convolution does, and folds the weight again in the backward. The activations then take
+one pass instead of three in the forward, and the backward skips the multiply of the output
+gradient by s, for one more pass over the weight (the second fold). The unfolded pair remains
+where a gradient passes under autocast, which casts inside the convolution, and for padding
+given as a string.
 
 Results equal the unfolded network's up to float rounding (the products are taken in another
-order), except under autocast: unfolded, the frozen norm's float32 statistics promote its output
-to float32; folded, the convolution's output stays in the autocast dtype. Pairs are folded only
-where the forward order is known: consecutive children of an nn.Sequential or of the
-IntermediateLayerGetter that torchvision's FPN backbones wrap a trunk in (not a child whose
-output it returns), and torchvision's own ResNet, BasicBlock and Bottleneck (conv1 -> bn1,
-conv2 -> bn2, ...; not subclasses, whose forward may differ).
+order), except under autocast where no gradient passes: unfolded, the frozen norm's float32
+statistics promote its output to float32; folded, the convolution's output stays in the autocast
+dtype. Pairs are folded only where the forward order is known: consecutive children of an
+nn.Sequential or of the IntermediateLayerGetter that torchvision's FPN backbones wrap a trunk in
+(not a child whose output it returns), and torchvision's own ResNet, BasicBlock and Bottleneck
+(conv1 -> bn1, conv2 -> bn2, ...; not subclasses, whose forward may differ).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
@@ -54,10 +62,21 @@ class ConvFrozenBN2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self.norm.scale_and_shift()
-        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
-            # no fold: the product would be saved for the backward, a copy of the weight
+        wants_grad = torch.is_grad_enabled() and (
+            self.weight.requires_grad
+            or x.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+        )
+        if wants_grad and (
+            torch.is_autocast_enabled(x.device.type) or isinstance(self.padding, str)
+        ):
+            # autocast casts inside the convolution, which _FoldedConv's backward would have to
+            # redo by hand, and its backward takes padding in pixels: the unfolded pair there
             out = self._conv_forward(x, self.weight, self.bias)
             return out * scale.reshape(-1, 1, 1) + shift.reshape(-1, 1, 1)
+        if wants_grad:
+            settings = (self.stride, self.padding, self.dilation, self.groups)
+            return _FoldedConv.apply(x, self.weight, self.bias, scale, shift, settings)
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
         bias = shift if self.bias is None else self.bias * scale + shift
         return self._conv_forward(x, weight, bias)
@@ -65,6 +84,56 @@ class ConvFrozenBN2d(nn.Conv2d):
     @property
     def norm(self) -> FoldedFrozenBatchNorm2d:
         return self.__dict__["_norm"]
+
+
+class _FoldedConv(torch.autograd.Function):
+    """conv(x, W * s) + (b * s + t) with a gradient, saving x and W (the convolution's own
+    operands, W the parameter itself) rather than the folded weight: the backward folds the
+    weight again. Its gradients are the convolution's, through the fold: dL/dW = s * dL/d(W s),
+    dL/db = s * dL/d(b s + t)."""
+
+    @staticmethod
+    def forward(
+        ctx,  # noqa: ANN001
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        scale: Tensor,
+        shift: Tensor,
+        settings: tuple,
+    ) -> Tensor:
+        stride, padding, dilation, groups = settings
+        folded_bias = shift if bias is None else bias * scale + shift
+        folded = weight * scale.reshape(-1, 1, 1, 1)
+        out = F.conv2d(x, folded, folded_bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.settings
+        wants = ctx.needs_input_grad
+        folded = weight * scale.reshape(-1, 1, 1, 1)
+        grad_x, grad_folded, grad_bias = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            folded,
+            [weight.shape[0]] if ctx.has_bias else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0] * len(stride),
+            groups,
+            [wants[0], wants[1], ctx.has_bias and wants[2]],
+        )
+        grad_weight = grad_folded.mul_(scale.reshape(-1, 1, 1, 1)) if wants[1] else None
+        grad_bias = grad_bias.mul_(scale) if ctx.has_bias and wants[2] else None
+        return (grad_x if wants[0] else None, grad_weight, grad_bias, None, None, None)
 
 
 def fold_frozen_batch_norm(module: nn.Module) -> int:
