@@ -344,6 +344,29 @@ def test_fixed_ratio_kernel_single_level_equals_torchvision(
     torch.testing.assert_close(feature.grad, reference.grad, rtol=0, atol=1e-12)
 
 
+def test_sparse_kernel_gives_a_channels_last_feature_a_channels_last_gradient(
+    workers: int,
+) -> None:
+    """The sparse backward writes a channels_last feature's gradient in that layout (the
+    convolution that made the feature then takes it without a conversion), with torchvision's
+    values to float64 rounding."""
+    boxes = _boxes(3, 11, 64, seed=12).double()
+    maps = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+    feature = maps.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    reference = maps.clone().requires_grad_(True)
+    rois = torch.cat([torch.arange(3.0).repeat_interleave(11)[:, None], boxes.reshape(-1, 4)], 1)
+    expected = roi_align(reference, rois.double(), 7, 0.125, 2, aligned=True)
+    pooler = SingleLevelPooler("f", 7, "align", 2, True, kernel="sparse")
+    pooled = pooler(OrderedDict(f=feature), boxes, [(64, 64)] * 3, (64, 64))
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    pooled.backward(grad)
+    assert not feature.grad.is_contiguous()
+    assert feature.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(feature.grad, reference.grad, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel", FIXED_RATIO_KERNELS)
 def test_fixed_ratio_kernel_multi_level_equals_multiscale_roi_align(
     workers: int, kernel: str
@@ -360,6 +383,8 @@ def test_fixed_ratio_kernel_multi_level_equals_multiscale_roi_align(
     maps = [torch.randn(3, 4, 64 >> i, 64 >> i, dtype=torch.float64) for i in range(4)]
     features = OrderedDict((n, m.clone().requires_grad_(True)) for n, m in zip(names, maps))
     features["1"] = maps[1].contiguous(memory_format=torch.channels_last)  # frozen, strided
+    # channels_last and trained, with images that have no RoI there
+    features["0"] = maps[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)
     references = OrderedDict((n, m.clone().requires_grad_(n != "1")) for n, m in zip(names, maps))
     pooler = MultiLevelPooler(names, 7, 2, kernel=kernel)
     pooled = pooler(features, boxes, image_sizes, (256, 256))

@@ -231,6 +231,7 @@ class _RoIAlignJobs(torch.autograd.Function):
             ctx.save_for_backward(rois)
         ctx.shapes = [feature.shape for feature in features]
         ctx.dtypes = [feature.dtype for feature in features]
+        ctx.formats = [_memory_format(feature) for feature in features]
         return tuple(blocks)
 
     @staticmethod
@@ -290,11 +291,15 @@ def _sparse_feature_grads(ctx, grad_blocks, rois, compute) -> list[Tensor | None
     """The sparse kernel's backward, job by job in the caller's thread (the sparse products and
     copies run on every core already): each job writes its images' slice of its level."""
     scales, jobs, size, sampling_ratio, aligned, _ = ctx.settings
-    needed = ctx.needs_input_grad[2:]
+    needed, formats = ctx.needs_input_grad[2:], ctx.formats
     grads: list[Tensor | None] = [None] * len(ctx.shapes)
     for level, (shape, want) in enumerate(zip(ctx.shapes, needed)):
         if want:  # every image a job pools from is written whole; the others are zeroed below
-            grads[level] = grad_blocks[0].new_empty(shape, dtype=compute)
+            # in the feature's layout: a channels_last gradient would be converted back before
+            # the channels_last convolution that made the feature takes it
+            grads[level] = torch.empty(
+                shape, dtype=compute, device=grad_blocks[0].device, memory_format=formats[level]
+            )
     written = [set() for _ in ctx.shapes]
     for index, job in enumerate(jobs):
         grad = grads[job.level]
@@ -381,6 +386,13 @@ def _torchvision_feature_grads(ctx, grad_blocks, rois, compute) -> list[Tensor |
         else:  # a level no RoI was assigned to
             feature_grads.append(grad_blocks[0].new_zeros(shape, dtype=dtype))
     return feature_grads
+
+
+def _memory_format(feature: Tensor) -> torch.memory_format:
+    """channels_last for a (k, C, H, W) tensor laid out so (and not also contiguous)."""
+    if feature.is_contiguous() or not feature.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def _job_rois(rois: Tensor, job: RoIJob, compute: torch.dtype) -> Tensor:

@@ -140,10 +140,12 @@ def sparse_roi_align_backward(
     out: Tensor,
 ) -> None:
     """Write the feature gradient of RoIAlign's rows ``grad_rows`` (M, Ch, P, P) into ``out``
-    (k, Ch, H, W), contiguous: the RoIs ``boxes`` (M, 4) belong to the k images in order,
-    ``counts[i]`` of them to image i. Images without RoIs are left as they are."""
+    (k, Ch, H, W), contiguous or channels_last: the RoIs ``boxes`` (M, 4) belong to the k images
+    in order, ``counts[i]`` of them to image i. Images without RoIs are left as they are."""
     _, channels, height, width = out.shape
     pixels = height * width
+    # channels_last: each image is a (H * W, Ch) matrix, the products' own layout
+    pixel_rows = not out.is_contiguous()
     index, weight = bin_weights(boxes, scale, size, sampling_ratio, aligned, height, width)
     first = 0
     for image, count in enumerate(counts):
@@ -161,6 +163,10 @@ def sparse_roi_align_backward(
             grad = grad_rows[first:end, first_channel:end_channel].permute(0, 2, 3, 1)
             grad = grad.reshape(count * size * size, end_channel - first_channel)
             product = matrix @ grad  # (H * W, chunk)
-            target = out[image, first_channel:end_channel].view(-1, pixels)
-            target.copy_(product.t())
+            if pixel_rows:
+                target = out[image].permute(1, 2, 0).view(pixels, channels)
+                target[:, first_channel:end_channel].copy_(product)
+            else:
+                target = out[image, first_channel:end_channel].view(-1, pixels)
+                target.copy_(product.t())
         first = end
