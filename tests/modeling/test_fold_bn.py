@@ -229,6 +229,34 @@ def test_folded_gradients_in_channels_last_equal_the_unfolded_pair() -> None:
         torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_folded_trainable_layer_under_compile_and_on_the_meta_device() -> None:
+    """torch.compile traces the folded layer's autograd function in training (aot_eager, one
+    graph): the unfolded pair's gradients. On the meta device (shape and FLOP counting) the
+    layer runs with a gradient wanted."""
+    model = _folded_conv(True, padding=1)
+    conv = model[0]
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    scale, shift = conv.norm.scale_and_shift()
+    results = []
+    for run in (
+        lambda x: (
+            conv._conv_forward(x, conv.weight, conv.bias) * scale[:, None, None]
+            + shift[:, None, None]
+        ),
+        torch.compile(model, backend="aot_eager", fullgraph=True),
+    ):
+        conv.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        out = run(x_in)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out, x_in.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for ours, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    meta = copy.deepcopy(model).to("meta")
+    out = meta(torch.empty(2, 4, 9, 8, device="meta", dtype=torch.float64))
+    assert out.shape == (2, 6, 9, 8) and out.requires_grad
+
+
 def test_folded_model_under_bf16_autocast_and_compile() -> None:
     """The folded layers run under CPU autocast (outputs stay bf16 there, unlike the unfolded
     float32 norm: close, not equal) and under torch.compile (backend="eager": Dynamo traces the

@@ -15,9 +15,12 @@ does, autograd would save the folded weight for the backward, a second copy of t
 (_FoldedConv) that saves the convolution's input and the weight parameter itself, as the
 unfolded convolution does, and folds the weight again in the backward. The activations then take
 one pass instead of three in the forward, and the backward skips the multiply of the output
-gradient by s, for one more pass over the weight (the second fold). The unfolded pair remains
-where a gradient passes under autocast, which casts inside the convolution, and for padding
-given as a string.
+gradient by s; the weight takes two more passes (the second fold and the scaling of its
+gradient), and each fold makes a folded copy that lives for the one convolution. The unfolded
+pair remains where a gradient passes under autocast, which casts inside the convolution, and for
+padding given as a string. The function has a first-order backward only: no double backward
+(create_graph=True), forward-mode AD or torch.func transforms through a folded trainable layer;
+train without the setting for those.
 
 Results equal the unfolded network's up to float rounding (the products are taken in another
 order), except under autocast where no gradient passes: unfolded, the frozen norm's float32
@@ -67,9 +70,7 @@ class ConvFrozenBN2d(nn.Conv2d):
             or x.requires_grad
             or (self.bias is not None and self.bias.requires_grad)
         )
-        if wants_grad and (
-            torch.is_autocast_enabled(x.device.type) or isinstance(self.padding, str)
-        ):
+        if wants_grad and (_autocast_on(x.device.type) or isinstance(self.padding, str)):
             # autocast casts inside the convolution, which _FoldedConv's backward would have to
             # redo by hand, and its backward takes padding in pixels: the unfolded pair there
             out = self._conv_forward(x, self.weight, self.bias)
@@ -84,6 +85,11 @@ class ConvFrozenBN2d(nn.Conv2d):
     @property
     def norm(self) -> FoldedFrozenBatchNorm2d:
         return self.__dict__["_norm"]
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Autocast enabled for the device type (never on the meta device, which has none)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 class _FoldedConv(torch.autograd.Function):
