@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -163,9 +164,8 @@ def test_a_gradient_keeps_no_copy_of_the_weight() -> None:
             assert not saved and not out.requires_grad
         else:
             assert weight_sized  # the weight is what the backward folds again
-        scale, shift = conv.norm.scale_and_shift()
-        unfolded = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
-        expected = unfolded * scale[:, None, None] + shift[:, None, None]
+        with torch.no_grad():
+            expected = _unfolded(conv, x)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -206,27 +206,32 @@ def test_folded_gradients_pass_gradcheck(bias: bool, settings: dict) -> None:
     assert torch.autograd.gradcheck(function, (x, *params))
 
 
+def _unfolded(conv: ConvFrozenBN2d, x: torch.Tensor) -> torch.Tensor:
+    """The pair the folded layer stands for: the convolution, then the norm's affine map."""
+    scale, shift = conv.norm.scale_and_shift()
+    out = conv._conv_forward(x, conv.weight, conv.bias)
+    return out * scale[:, None, None] + shift[:, None, None]
+
+
+def _output_and_grads(
+    run: Callable[[torch.Tensor], torch.Tensor], conv: ConvFrozenBN2d, x: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``run(x)`` and the gradients of a weighted sum of it for x, the weight and the bias."""
+    conv.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = run(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out, x.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
+
+
 def test_folded_gradients_in_channels_last_equal_the_unfolded_pair() -> None:
     model = _folded_conv(True, padding=1)
     conv = model[0]
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
-    grads = []
-    for memory_format, folded in (
-        (torch.contiguous_format, False),
-        (torch.channels_last, True),
-    ):
-        conv.zero_grad()
-        x_in = x.contiguous(memory_format=memory_format).detach().requires_grad_(True)
-        if folded:
-            out = model(x_in)
-        else:
-            scale, shift = conv.norm.scale_and_shift()
-            out = conv._conv_forward(x_in, conv.weight, conv.bias)
-            out = out * scale[:, None, None] + shift[:, None, None]
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads.append((out, x_in.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
-    for ours, expected in zip(grads[1], grads[0]):
-        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    expected = _output_and_grads(lambda x: _unfolded(conv, x), conv, x)
+    ours = _output_and_grads(model, conv, x.contiguous(memory_format=torch.channels_last))
+    for value, reference in zip(ours, expected):
+        torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_folded_trainable_layer_under_compile_and_on_the_meta_device() -> None:
@@ -236,22 +241,10 @@ def test_folded_trainable_layer_under_compile_and_on_the_meta_device() -> None:
     model = _folded_conv(True, padding=1)
     conv = model[0]
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
-    scale, shift = conv.norm.scale_and_shift()
-    results = []
-    for run in (
-        lambda x: (
-            conv._conv_forward(x, conv.weight, conv.bias) * scale[:, None, None]
-            + shift[:, None, None]
-        ),
-        torch.compile(model, backend="aot_eager", fullgraph=True),
-    ):
-        conv.zero_grad()
-        x_in = x.clone().requires_grad_(True)
-        out = run(x_in)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        results.append((out, x_in.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
-    for ours, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    expected = _output_and_grads(lambda x: _unfolded(conv, x), conv, x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for value, reference in zip(_output_and_grads(compiled, conv, x), expected):
+        torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-12)
     meta = copy.deepcopy(model).to("meta")
     out = meta(torch.empty(2, 4, 9, 8, device="meta", dtype=torch.float64))
     assert out.shape == (2, 6, 9, 8) and out.requires_grad

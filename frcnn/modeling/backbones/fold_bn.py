@@ -78,13 +78,22 @@ class ConvFrozenBN2d(nn.Conv2d):
         if wants_grad:
             settings = (self.stride, self.padding, self.dilation, self.groups)
             return _FoldedConv.apply(x, self.weight, self.bias, scale, shift, settings)
-        weight = self.weight * scale.reshape(-1, 1, 1, 1)
-        bias = shift if self.bias is None else self.bias * scale + shift
-        return self._conv_forward(x, weight, bias)
+        weight = _folded_weight(self.weight, scale)
+        return self._conv_forward(x, weight, _folded_bias(self.bias, scale, shift))
 
     @property
     def norm(self) -> FoldedFrozenBatchNorm2d:
         return self.__dict__["_norm"]
+
+
+def _folded_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """W * s: the norm's scale on each output channel's filter."""
+    return weight * scale.reshape(-1, 1, 1, 1)
+
+
+def _folded_bias(bias: Tensor | None, scale: Tensor, shift: Tensor) -> Tensor:
+    """b * s + t (t alone for a convolution without a bias)."""
+    return shift if bias is None else bias * scale + shift
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -109,8 +118,7 @@ class _FoldedConv(torch.autograd.Function):
         settings: tuple,
     ) -> Tensor:
         stride, padding, dilation, groups = settings
-        folded_bias = shift if bias is None else bias * scale + shift
-        folded = weight * scale.reshape(-1, 1, 1, 1)
+        folded, folded_bias = _folded_weight(weight, scale), _folded_bias(bias, scale, shift)
         out = F.conv2d(x, folded, folded_bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, scale)
         ctx.settings = settings
@@ -123,7 +131,7 @@ class _FoldedConv(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.settings
         wants = ctx.needs_input_grad
-        folded = weight * scale.reshape(-1, 1, 1, 1)
+        folded = _folded_weight(weight, scale)
         grad_x, grad_folded, grad_bias = torch.ops.aten.convolution_backward(
             grad,
             x,
