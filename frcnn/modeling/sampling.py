@@ -26,10 +26,29 @@ def subsample_labels(
     positive_fraction`` positives, ``batch_size_per_image`` negatives). The smallest keys of a
     random draw are a uniformly random subset.
     """
-    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator)
-    chosen_pos = draw.mask(positive, draw.pos_index, draw.num_pos)
-    chosen_neg = draw.mask(negative, draw.neg_index, draw.num_neg)
+    chosen_pos, chosen_neg, _, _ = subsample_labels_and_positives(
+        positive, negative, batch_size_per_image, positive_fraction, generator
+    )
     return chosen_pos, chosen_neg
+
+
+def subsample_labels_and_positives(
+    positive: Tensor,
+    negative: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """subsample_labels' masks, and the chosen positives as (N, P) indices, P = min(
+    ``batch_size_per_image * positive_fraction``, R), with the (N, P) mask of the slots that hold
+    one: a row's chosen positives come first, the other slots hold distinct unchosen candidates.
+    Work that only the chosen positives need can then be done on N x P slots, not on N x R."""
+    draw = _Draw(positive, negative, batch_size_per_image, positive_fraction, generator)
+    pos_taken = _first_slots(draw.pos_index, draw.num_pos)
+    neg_taken = _first_slots(draw.neg_index, draw.num_neg)
+    chosen_pos = torch.zeros_like(positive).scatter_(1, draw.pos_index, pos_taken)
+    chosen_neg = torch.zeros_like(negative).scatter_(1, draw.neg_index, neg_taken)
+    return chosen_pos, chosen_neg, draw.pos_index, pos_taken
 
 
 def sample_slots(
@@ -93,11 +112,10 @@ class _Draw:
             neg_keys = torch.where(positive, 3.0 - keys, neg_keys)
         self.neg_index = _smallest_keys(neg_keys, batch_size_per_image)
 
-    @staticmethod
-    def mask(members: Tensor, index: Tensor, count: Tensor) -> Tensor:
-        """(N, R) mask of the first ``count[i]`` candidates of ``index``'s row i."""
-        taken = torch.arange(index.shape[1], device=index.device)[None, :] < count[:, None]
-        return torch.zeros_like(members).scatter_(1, index, taken)
+
+def _first_slots(index: Tensor, count: Tensor) -> Tensor:
+    """(N, k) mask of the first ``count[i]`` slots of ``index``'s row i."""
+    return torch.arange(index.shape[1], device=index.device)[None, :] < count[:, None]
 
 
 def _smallest_keys(keys: Tensor, max_count: int) -> Tensor:

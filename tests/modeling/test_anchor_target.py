@@ -8,7 +8,7 @@ from torchvision.ops import box_iou
 
 from frcnn.modeling.anchors import AnchorGenerator
 from frcnn.modeling.rpn import AnchorMatcher, anchor_targets, rpn_loss_box
-from frcnn.modeling.rpn.anchor_target import _max_and_first_argmax, grid_box_iou
+from frcnn.modeling.rpn.anchor_target import _max_and_first_argmax, grid_box_iou, grid_order
 from frcnn.structures import IGNORE, NEGATIVE, POSITIVE, BoxCoder, Targets
 
 POS, NEG, IGN = POSITIVE, NEGATIVE, IGNORE
@@ -138,6 +138,42 @@ def test_box_targets_encode_the_matched_box() -> None:
     torch.testing.assert_close(result.box_targets[0, 0], torch.tensor([0.1, 0.2, 0.0, 0.0]))
 
 
+def test_box_targets_equal_encoding_every_anchor_then_masking() -> None:
+    """Only the chosen positives are encoded: the result must be, bit for bit, every anchor
+    encoded against its matched box with the others zeroed (degenerate boxes, which encode to
+    inf/NaN, and an image without boxes included)."""
+    generator = AnchorGenerator([[16.0, 32.0], [64.0]], [[0.5, 1.0, 2.0]])
+    feature_sizes = [(24, 24), (12, 12)]
+    anchors = generator((96, 96), feature_sizes, torch.device("cpu"))
+    grid = generator.grid_sizes(feature_sizes)
+    g = torch.Generator().manual_seed(3)
+    boxes = _awkward_boxes(g, 30, (96, 96))  # with zero-width and zero-height boxes
+    targets = [Targets(boxes, torch.ones(len(boxes), dtype=torch.int64)), Targets.empty()]
+    targets.append(_targets([[8, 8, 40, 40], [50, 20, 90, 60]]))
+    sizes = [(96, 96)] * 3
+    matcher, coder = AnchorMatcher(), BoxCoder((1.0, 1.0, 1.0, 1.0))
+    for grid_sizes in (grid, None):
+        result = anchor_targets(
+            anchors,
+            targets,
+            sizes,
+            matcher,
+            coder,
+            32,
+            0.5,
+            torch.Generator().manual_seed(0),
+            grid_sizes,
+        )
+        labels, matched = matcher.match_batch(anchors, targets, sizes, grid_sizes)
+        dense = coder.encode(anchors, matched)
+        assert not torch.isfinite(dense).all()  # degenerate matched boxes
+        expected = dense.masked_fill(result.labels[..., None] != POSITIVE, 0.0)
+        assert torch.equal(result.box_targets, expected)
+        positives = (result.labels == POSITIVE).sum(dim=1).tolist()
+        assert positives[0] == 16 and positives[1] == 0 and 0 < positives[2] < 16
+        assert ((labels == POSITIVE).sum(dim=1)[0] > 16).all()  # the cap was applied
+
+
 def test_a_thousand_ground_truth_boxes() -> None:
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(1000, 2, generator=g) * 450
@@ -181,10 +217,23 @@ def test_grid_iou_equals_box_iou_on_one_level() -> None:
     image_size, feature_sizes = (256, 256), [(32, 32)]
     anchors = generator(image_size, feature_sizes, torch.device("cpu"))
     boxes = _awkward_boxes(torch.Generator().manual_seed(0), 60, image_size)
-    iou = grid_box_iou(anchors, boxes, generator.grid_sizes(feature_sizes))
-    assert torch.equal(iou, box_iou(anchors, boxes))
-    assert torch.equal(iou, box_iou(boxes, anchors).T)  # the order AnchorMatcher used to take
+    grid = generator.grid_sizes(feature_sizes)
+    to_grid, from_grid = grid_order(grid, anchors.device)
+    iou = grid_box_iou(anchors, boxes, grid)
+    assert torch.equal(iou, box_iou(boxes, anchors[to_grid]))
+    assert torch.equal(iou[:, from_grid], box_iou(boxes, anchors))
+    assert torch.equal(iou[:, from_grid].T, box_iou(anchors, boxes))  # either argument order
     assert (iou == 1).any() and (iou == 0).any()  # the exact cases are really exercised
+
+
+def test_grid_order_puts_each_level_in_anchor_row_column_order() -> None:
+    # two levels: (H, W, A) = (2, 3, 2) and (1, 2, 3); anchor order is (h, w, a) per level
+    to_grid, from_grid = grid_order([(2, 3, 2), (1, 2, 3)], torch.device("cpu"))
+    # grid position (a, h, w) of level 0 holds anchor (h * 3 + w) * 2 + a
+    assert to_grid[:12].tolist() == [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11]
+    assert to_grid[12:].tolist() == [12, 15, 13, 16, 14, 17]
+    assert torch.equal(to_grid[from_grid], torch.arange(18))
+    assert torch.equal(from_grid[to_grid], torch.arange(18))
 
 
 def test_grid_iou_equals_box_iou_on_fpn_levels_of_a_padded_image() -> None:
@@ -194,14 +243,15 @@ def test_grid_iou_equals_box_iou_on_fpn_levels_of_a_padded_image() -> None:
     feature_sizes = [(50, 82), (25, 41), (13, 21), (7, 11), (4, 6)]
     anchors = generator(image_size, feature_sizes, torch.device("cpu"))
     grid = generator.grid_sizes(feature_sizes)
+    to_grid, _ = grid_order(grid, anchors.device)
     for seed in range(3):
         boxes = _awkward_boxes(torch.Generator().manual_seed(seed), 40, image_size)
         iou = grid_box_iou(anchors, boxes, grid)
-        assert torch.equal(iou, box_iou(anchors, boxes))
+        assert torch.equal(iou, box_iou(boxes, anchors[to_grid]))
     # the scratch and output tensors AnchorMatcher passes give the same result
-    out, scratch = torch.full((2, anchors.shape[0], boxes.shape[0]), float("nan"))
+    out, scratch = torch.full((2, boxes.shape[0], anchors.shape[0]), float("nan"))
     assert grid_box_iou(anchors, boxes, grid, out=out, scratch=scratch) is out
-    assert torch.equal(out, box_iou(anchors, boxes))
+    assert torch.equal(out, box_iou(boxes, anchors[to_grid]))
 
 
 def test_grid_iou_rejects_grid_sizes_that_do_not_describe_the_anchors() -> None:
@@ -219,6 +269,8 @@ def test_max_and_first_argmax_equal_torch_max_with_ties_and_nan() -> None:
     iou[6, [1, 4]] = float("nan")
     iou[7] = 0.0  # overlaps nothing
     expected_max, expected_index = iou.max(dim=1)
+    # the matcher's (G, R) layout: one row per box
+    iou = iou.T.contiguous()
     max_iou, index = _max_and_first_argmax(iou, torch.empty_like(iou))
     assert torch.equal(max_iou.isnan(), expected_max.isnan())
     assert torch.equal(max_iou.nan_to_num(-9.0), expected_max.nan_to_num(-9.0))

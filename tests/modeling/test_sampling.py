@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from frcnn.modeling.sampling import sample_slots, subsample_labels
+from frcnn.modeling.sampling import (
+    sample_slots,
+    subsample_labels,
+    subsample_labels_and_positives,
+)
 from frcnn.modeling.topk_per_image import scatter_top_per_image
 
 
@@ -44,6 +48,25 @@ def test_counts_subsets_and_disjointness(batch_size, fraction):
     assert not (chosen_pos & ~positive).any()
     assert not (chosen_neg & ~negative).any()
     assert not (chosen_pos & chosen_neg).any()
+
+
+@pytest.mark.parametrize("batch_size, fraction", [(8, 0.5), (30, 0.5), (8, 0.0)])
+def test_positive_slots_hold_the_chosen_positives_first(batch_size, fraction):
+    positive, negative = _masks(ROWS)
+    chosen_pos, chosen_neg = subsample_labels(
+        positive, negative, batch_size, fraction, torch.Generator().manual_seed(4)
+    )
+    *masks, index, taken = subsample_labels_and_positives(
+        positive, negative, batch_size, fraction, torch.Generator().manual_seed(4)
+    )
+    assert torch.equal(masks[0], chosen_pos) and torch.equal(masks[1], chosen_neg)
+    assert index.shape == taken.shape == (len(ROWS), min(int(batch_size * fraction), 24))
+    for row in range(len(ROWS)):
+        count = int(chosen_pos[row].sum())
+        assert taken[row].tolist() == [True] * count + [False] * (index.shape[1] - count)
+        assert set(index[row, :count].tolist()) == set(chosen_pos[row].nonzero()[:, 0].tolist())
+        assert len(set(index[row].tolist())) == index.shape[1]  # distinct slots
+        assert not chosen_pos[row, index[row, count:]].any()
 
 
 def test_hand_counts_of_a_256_batch():
