@@ -57,8 +57,16 @@ def generate_proposals(
     num_images = objectness.shape[0]
     top_idx, levels = _top_per_level(objectness, num_anchors_per_level, settings.pre_nms_topk)
     scores = torch.sigmoid(torch.gather(objectness, 1, top_idx))  # (N, T)
-    top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
-    boxes = box_coder.decode(top_deltas, anchors[top_idx])  # (N, T, 4)
+    # index_select on flat rows: several times faster than gather or advanced indexing on a CPU
+    shape = top_idx.shape
+    top_anchors = anchors.index_select(0, top_idx.reshape(-1)).view(*shape, 4)
+    if deltas.is_contiguous():
+        image_offset = torch.arange(num_images, device=top_idx.device)[:, None] * deltas.shape[1]
+        flat_idx = (top_idx + image_offset).reshape(-1)
+        top_deltas = deltas.reshape(-1, 4).index_select(0, flat_idx).view(*shape, 4)
+    else:
+        top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
+    boxes = box_coder.decode(top_deltas, top_anchors)  # (N, T, 4)
     boxes = clip_boxes(boxes, image_sizes[:, None, :])
 
     widths = boxes[..., 2] - boxes[..., 0]
@@ -70,13 +78,13 @@ def generate_proposals(
     groups = image_ids * num_levels + levels
     calls = nms_calls(boxes, scores, groups, keep, settings.nms_thresh)
     kept = torch.cat(calls)
-    kept_image = image_ids.reshape(-1)[kept]
+    kept_image = torch.div(kept, shape[1], rounding_mode="floor")  # flat index -> image
     valid, (out_boxes, out_scores) = scatter_top_per_image(
         kept_image,
         num_images,
         num_slots(settings.post_nms_topk, calls),
-        boxes.reshape(-1, 4)[kept],
-        scores.reshape(-1)[kept],
+        boxes.reshape(-1, 4).index_select(0, kept),
+        scores.reshape(-1).index_select(0, kept),
     )
     return Proposals(out_boxes, out_scores, valid)
 
