@@ -105,7 +105,7 @@ class AnchorMatcher:
             from_grid, grid_anchors = None, anchors
         else:
             to_grid, from_grid = grid_order(grid_sizes, anchors.device)
-            grid_anchors = anchors[to_grid]
+            grid_anchors = anchors.index_select(0, to_grid)
 
         def in_anchor_order(values: Tensor, out: Tensor) -> None:
             if from_grid is None:
@@ -316,8 +316,10 @@ def anchor_targets(
     sampled = torch.where(chosen_pos, POSITIVE, torch.where(chosen_neg, NEGATIVE, IGNORE))
     # only the chosen positives carry targets: encode those (N, P) anchors, not all N x R (each
     # delta is computed from its own anchor and box alone, so the bits are the same)
-    gt_index = torch.gather(matched, 1, pos_index)
-    deltas = box_coder.encode(anchors[pos_index], gt_boxes[gt_index])  # (N, P, 4)
+    gt_index = torch.gather(matched, 1, pos_index).reshape(-1)
+    pos_anchors = anchors.index_select(0, pos_index.reshape(-1))
+    deltas = box_coder.encode(pos_anchors, gt_boxes.index_select(0, gt_index))
+    deltas = deltas.view(pos_index.shape + (4,))  # (N, P, 4)
     # the other slots hold unchosen anchors, whose boxes may be degenerate (inf/NaN deltas)
     deltas.masked_fill_(~pos_taken[..., None], 0.0)
     box_targets = deltas.new_zeros(labels.shape + (4,))
