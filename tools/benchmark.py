@@ -101,7 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "a median of a few such calls on a shared CPU moves by more than the gaps it measures)",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument(
+        "--amp",
+        choices=["off", "bf16", "fp16"],
+        default="off",
+        help="autocast for the train step and inference lines, the same on both sides (the "
+        "stage lines run in float32 either way)",
+    )
     parser.add_argument(
         "--channels-last",
         choices=["off", "frcnn", "both"],
