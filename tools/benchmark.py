@@ -132,9 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=KERNELS,
         default="torchvision",
         help="frcnn only (model.roi_heads.roi_align_kernel): RoIAlign on torchvision's kernels, "
-        "on PyTorch's grid_sample kernels, or torchvision's forward with a sparse-matrix "
-        "backward (the last two equal to float rounding; the architecture's sampling ratio "
-        "must be >= 1)",
+        "on PyTorch's grid_sample kernels, or as products with its sparse weight matrix "
+        "(embedding_bag forward, sparse-matrix backward; the last two equal to float rounding; "
+        "the architecture's sampling ratio must be >= 1)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -69,8 +69,9 @@ class ROIHeadsConfig:
     aligned: bool = False
     # speed setting: RoIAlign on torchvision's kernels; on PyTorch's grid_sample kernels (the
     # same sample points and edge rules, equal to float rounding, a faster backward on a CPU);
-    # or sparse: torchvision's forward, the backward as sparse-matrix products (equal to float
-    # rounding, faster still). The last two need pooler align and sampling_ratio >= 1
+    # or sparse: products with RoIAlign's sparse weight matrix, embedding_bag sums forward and
+    # sparse-matrix products backward (equal to float rounding, faster still). The last two
+    # need pooler align and sampling_ratio >= 1
     roi_align_kernel: str = "torchvision"  # torchvision | grid_sample | sparse
     fg_iou_thresh: float = 0.5
     bg_iou_thresh_hi: float = 0.5

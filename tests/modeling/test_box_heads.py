@@ -129,3 +129,48 @@ def test_mlp2_head_state_dict_keys_are_nn_linear_keys() -> None:
     head = MLP2Head(12, 8)
     assert isinstance(head.fc6, InputReleasingLinear) and isinstance(head.fc6, nn.Linear)
     assert list(head.state_dict()) == ["fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"]
+
+
+class _NewStorages(TorchDispatchMode):
+    """The sizes (elements) of the tensors made by operators that are not views of their
+    input."""
+
+    def __init__(self, pooled: torch.Tensor) -> None:
+        super().__init__()
+        self.storage = pooled.untyped_storage().data_ptr()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                if tensor.untyped_storage().data_ptr() != self.storage:
+                    self.sizes.append(tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_mlp2_head_takes_channels_last_rows(grad: bool) -> None:
+    """Pooled rows laid out channels_last (the sparse RoIAlign kernel's blocks) give the
+    contiguous rows' outputs (and gradients) to rounding; without gradients they are never
+    copied into Ch-major order: no new tensor is as large as they are."""
+    torch.manual_seed(0)
+    head = MLP2Head(6 * 3 * 3, 8).double()
+    pooled = torch.randn(10, 6, 3, 3, dtype=torch.float64)
+    channels_last = pooled.contiguous(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    results = []
+    for rows in (pooled, channels_last):
+        head.zero_grad(set_to_none=True)
+        rows = rows.clone(memory_format=torch.preserve_format).requires_grad_(grad)
+        with torch.set_grad_enabled(grad), _NewStorages(rows) as made:
+            out = head(rows)
+        if not grad and not rows.is_contiguous():  # the channels_last rows
+            assert max(made.sizes) < pooled.numel(), made.sizes
+        if grad:
+            (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+            results.append((out, rows.grad, head.fc6.weight.grad, head.fc7.weight.grad))
+        else:
+            results.append((out,))
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)

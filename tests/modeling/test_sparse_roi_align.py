@@ -1,5 +1,6 @@
-"""sparse_roi_align_backward against torchvision's RoIAlign backward: feature gradients with
-boxes inside, across and beyond the map, degenerate and NaN boxes, images without RoIs."""
+"""The sparse RoIAlign kernel against torchvision's RoIAlign: pooled values (sparse_roi_align)
+and feature gradients (sparse_roi_align_backward) with boxes inside, across and beyond the map,
+degenerate and NaN boxes, images without RoIs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torchvision.ops import roi_align
 
 from frcnn.modeling.roi_heads.sparse_roi_align import (
     bin_weights,
+    sparse_roi_align,
     sparse_roi_align_backward,
     transposed_matrix,
 )
@@ -51,6 +53,35 @@ def test_equals_torchvision_roi_align_backward(dtype, tol, sampling_ratio: int, 
     torch.testing.assert_close(out[with_rois], expected[with_rois], rtol=0, atol=tol)
     assert torch.all(out[1] == 7.0)  # an image without RoIs is left as it was
     assert expected[0].abs().sum() > 0 and expected[2:].abs().sum() > 0  # the case has work
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_pools_torchvision_roi_align_values(dtype, tol, sampling_ratio, aligned, layout) -> None:
+    counts = [2, 0, 3, 3]
+    feature, boxes, rois = _case(dtype, counts)
+    expected = roi_align(feature, rois, 4, 0.25, sampling_ratio, aligned)
+    image = rois[:, 0].long()
+    pooled = sparse_roi_align(
+        feature.contiguous(memory_format=layout), image, boxes, 0.25, 4, sampling_ratio, aligned
+    )
+    assert pooled.dtype == dtype and pooled.shape == expected.shape
+    # the embedding_bag rows as they are: (M, Ch, P, P) laid out (M, P, P, Ch)
+    assert pooled.is_contiguous(memory_format=torch.channels_last) and not pooled.is_contiguous()
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=tol)
+    assert torch.all(pooled[0] == 0) and pooled[2:].abs().sum() > 0  # beyond the map: zeros
+
+
+def test_pooled_values_are_deterministic_and_a_nan_box_pools_zeros() -> None:
+    feature, boxes, rois = _case(torch.float32, [6])
+    boxes[1] = float("nan")
+    image = torch.zeros(6, dtype=torch.int64)
+    first = sparse_roi_align(feature, image, boxes, 0.25, 4, 2, False)
+    second = sparse_roi_align(feature, image, boxes, 0.25, 4, 2, False)
+    assert torch.equal(first, second)
+    assert torch.all(first[1] == 0)
 
 
 def test_is_deterministic_and_nan_box_takes_no_gradient() -> None:

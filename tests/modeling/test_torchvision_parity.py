@@ -102,11 +102,13 @@ def test_same_proposals_and_detections(arch: str, builder) -> None:
     _same_proposals_and_detections(arch, builder, "torchvision")
 
 
-def test_same_detections_with_the_grid_sample_roi_align_kernel() -> None:
-    """The speed setting model.roi_heads.roi_align_kernel=grid_sample pools to float rounding
-    what torchvision's kernel pools: the detections stay within the same tolerances."""
+@pytest.mark.parametrize("kernel", ["grid_sample", "sparse"])
+def test_same_detections_with_another_roi_align_kernel(kernel: str) -> None:
+    """The speed settings model.roi_heads.roi_align_kernel=grid_sample / sparse pool to float
+    rounding what torchvision's kernel pools (sparse: into channels_last rows, which the box
+    head takes as they are): the detections stay within the same tolerances."""
     arch, builder = CASES[1]  # the MobileNet FPN: the cheaper of the two
-    _same_proposals_and_detections(arch, builder, "grid_sample")
+    _same_proposals_and_detections(arch, builder, kernel)
 
 
 def _same_proposals_and_detections(arch: str, builder, roi_align_kernel: str) -> None:

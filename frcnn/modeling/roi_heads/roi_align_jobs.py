@@ -15,15 +15,16 @@ CPU (frcnn/modeling/parallel.py); on other devices one after another.
   images, whose RoIs sit mostly on one level, splits as well as a large one.
 - Backward, the grid_sample kernel (a speed setting, grid_roi_align.py): each forward job owns
   its images' slice of the gradient.
-- Backward, the sparse kernel (a speed setting, sparse_roi_align.py; its forward is
-  torchvision's): one sparse-matrix product per (level, image) in the caller's thread, whose
+- The sparse kernel (a speed setting, sparse_roi_align.py): the forward jobs as above, each
+  pooling with ``embedding_bag`` from its images' pixel rows (the level made channels_last
+  once); the backward one sparse-matrix product per (level, image) in the caller's thread, whose
   kernels use every core.
 
 Every RoI is pooled by the same kernel with the same arguments, and with torchvision's kernel
 every channel's gradient is accumulated over the level's RoIs in their original order, so the
 results are bitwise those of one ``torchvision.ops.roi_align`` call per level, however the work
-is split. The grid_sample kernel's results, and the sparse kernel's gradients, equal
-torchvision's to float rounding.
+is split. The grid_sample and sparse kernels' results and gradients equal torchvision's to
+float rounding.
 
 Memory and copies: each job's pooled rows are one kernel call's output, and stay that tensor: the
 result is a tuple of blocks, one per job, which a row-wise box head takes one by one (its outputs
@@ -52,7 +53,10 @@ from frcnn.modeling.roi_heads.grid_roi_align import (
     grid_roi_align_backward,
     sampling_grid,
 )
-from frcnn.modeling.roi_heads.sparse_roi_align import sparse_roi_align_backward
+from frcnn.modeling.roi_heads.sparse_roi_align import (
+    sparse_roi_align,
+    sparse_roi_align_backward,
+)
 
 # the RoIAlign kernels a pooler can use (model.roi_heads.roi_align_kernel)
 KERNELS = ("torchvision", "grid_sample", "sparse")
@@ -147,9 +151,9 @@ def roi_align_blocks(
 
     ``kernel``: "torchvision" (``torchvision.ops.roi_align``'s kernels), "grid_sample" (the
     same sampling through PyTorch's grid_sample kernels, grid_roi_align.py: equal to rounding,
-    faster on a CPU) or "sparse" (torchvision's forward, the backward as sparse-matrix products,
-    sparse_roi_align.py: equal to rounding, faster on a CPU). The last two need a fixed
-    ``sampling_ratio`` >= 1."""
+    faster on a CPU) or "sparse" (products with RoIAlign's sparse weight matrix: embedding_bag
+    forward, sparse-matrix backward, sparse_roi_align.py: equal to rounding, faster on a CPU).
+    The last two need a fixed ``sampling_ratio`` >= 1."""
     check_kernel(kernel, sampling_ratio)
     settings = (tuple(scales), tuple(jobs), output_size, sampling_ratio, aligned, kernel)
     return _RoIAlignJobs.apply(rois, settings, *features)
@@ -179,9 +183,11 @@ class _RoIAlignJobs(torch.autograd.Function):
         # torchvision's autocast rule for RoIAlign: compute in float32 (or float64 if given),
         # return the input's dtype
         compute = torch.promote_types(dtype, torch.float32)
-        # the kernel makes its input contiguous: once per level here, not once per job (a
-        # channels_last model's features would be copied whole for every job otherwise)
-        maps = [feature.to(compute).contiguous() for feature in features]
+        # torchvision's kernel makes its input contiguous, the sparse kernel reads pixel rows
+        # (channels_last): once per level here, not once per job (the features would be
+        # copied whole for every job otherwise)
+        layout = torch.channels_last if kernel == "sparse" else torch.contiguous_format
+        maps = [feature.to(compute).contiguous(memory_format=layout) for feature in features]
 
         grids: list[Tensor | None] = [None] * len(jobs)  # grid_sample: kept for the backward
 
@@ -213,12 +219,31 @@ class _RoIAlignJobs(torch.autograd.Function):
                 aligned,
             ).to(dtype)
 
-        work = pool_grid if kernel == "grid_sample" else pool
+        def pool_sparse(index: int) -> Tensor:
+            job = jobs[index]
+            job_rois = rois[job.first_roi : job.end_roi]
+            with torch.autocast(job_rois.device.type, enabled=False):
+                return sparse_roi_align(
+                    maps[job.level][job.first_image : job.end_image],
+                    job_rois[:, 0].long() - job.first_image,
+                    job_rois[:, 1:].to(compute),
+                    scales[job.level],
+                    size,
+                    sampling_ratio,
+                    aligned,
+                ).to(dtype)
+
+        work = {"grid_sample": pool_grid, "sparse": pool_sparse}.get(kernel, pool)
         blocks = run_jobs(work, len(jobs), maps[0].device)
         pooled_rows = jobs[-1].end_roi if jobs else 0
         if pooled_rows < rois.shape[0] or not blocks:
             rows = rois.shape[0] - pooled_rows
-            zeros = features[0].new_zeros((rows, features[0].shape[1], size, size))
+            zeros = torch.empty(  # in the other blocks' layout
+                (rows, features[0].shape[1], size, size),
+                dtype=features[0].dtype,
+                device=features[0].device,
+                memory_format=layout,
+            ).zero_()
             blocks.append(zeros)
             ctx.mark_non_differentiable(zeros)
         ctx.settings = settings

@@ -1,27 +1,39 @@
-"""RoIAlign's backward as sparse-matrix products (a speed setting,
-``model.roi_heads.roi_align_kernel: sparse``; the forward stays torchvision's kernel).
+"""RoIAlign as products with its sparse weight matrix (a speed setting,
+``model.roi_heads.roi_align_kernel: sparse``): the forward as ``embedding_bag`` sums, the
+backward as sparse-matrix products.
 
 Shapes: k images, M RoIs, Ch channels, H x W the feature map, P x P the pooled size, s the
-sampling ratio (s x s points per bin), B = M * P * P bins.
+sampling ratio (s x s points per bin), B = M * P * P bins, E = 4 s^2 entries per bin.
 
 RoIAlign is linear in the features, with the same weights for every channel: the pooled value of
 bin b in channel c is sum over pixels q of S[b, q] * feature[c, q], where row b of S holds the
-bilinear weights of the bin's s x s samples divided by s * s. So one image's feature gradient is
-the product S^T G, G (B, Ch) the gradient of its RoIs' bins. torchvision's CPU backward
-recomputes every sample's weights for each channel and adds them one scalar at a time on one
-thread; here the weights are computed once, S^T is built as a CSR matrix (a row per pixel, its
-bins in their order), and PyTorch's sparse-dense product computes the gradient on all cores.
+bilinear weights of the bin's s x s samples divided by s * s. Each row has E entries (pixel,
+weight); they are computed once per RoI and bin rather than once per channel, as torchvision's
+CPU kernels do, which then add one scalar at a time on one thread.
 
-The weights follow torchvision's ``bilinear_interpolate_gradient``: a sample more than one pixel
-outside the map (or NaN) has none; within that pixel its coordinate is clamped to the map; on the
-last row or column both neighbours are the edge. They are separable: a sample's weight on pixel
+- Forward: with the map as (k * H * W, Ch) pixel rows (a view of a channels_last map), bin b's
+  pooled vector is the weighted sum of its E rows: ``embedding_bag`` in "sum" mode with
+  per-sample weights, whose kernel adds whole rows of channels at a time. Its (B, Ch) output is
+  returned as it is, an (M, Ch, P, P) tensor laid out channels_last: transposed into
+  torchvision's layout it would cost more than the pooling (a quick-start batch: 60 MB
+  rearranged). The 2-MLP box head flattens such a tensor in its memory order and permutes its
+  first layer's weight to match (box_heads.py); any other consumer sees an ordinary tensor.
+- Backward: one image's feature gradient is the product S^T G, G (B, Ch) the gradient of its
+  RoIs' bins; S^T is built as a CSR matrix (a row per pixel, its bins in their order), and
+  PyTorch's sparse-dense product computes it on all cores.
+
+The weights follow torchvision's ``bilinear_interpolate`` (forward) and
+``bilinear_interpolate_gradient`` (backward), which agree: a sample more than one pixel outside
+the map (or NaN) has none; within that pixel its coordinate is clamped to the map; on the last
+row or column both neighbours are the edge. They are separable: a sample's weight on pixel
 (y, x) is a y-weight times an x-weight, so each axis is computed once per RoI and bin. Entries of
 zero weight stay in the matrix (pointing at pixel 0 of the axis) so that every bin has the same
-number, 4 s^2, and nothing depends on the data's values: no count is read on the host. Each
-pixel's sum runs over its bins in order, so results are deterministic; they equal torchvision's
+number, E, and nothing depends on the data's values: no count is read on the host. Every sum
+runs over its entries in a fixed order, so results are deterministic; they equal torchvision's
 to float rounding (the sums run in another order), not bitwise. One difference stays: a sample
-outside the map contributes 0 times its bin's gradient to the axis' pixel 0, so a NaN or inf in
-that bin's gradient reaches the feature gradient, which torchvision's skipped sample keeps out.
+outside the map contributes 0 times a value (the forward: pixel 0's feature; the backward: its
+bin's gradient), so a NaN or inf there reaches the result, which torchvision's skipped sample
+keeps out.
 """
 
 from __future__ import annotations
@@ -92,10 +104,12 @@ def bin_weights(
     aligned: bool,
     height: int,
     width: int,
+    first_pixel: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``boxes`` (M, 4) in image pixels -> the pixel index y * W + x (M, P * P, 4s^2) and the
     weight (same shape) of every entry of each bin's row of S, bins row-major as RoIAlign's
-    output."""
+    output. ``first_pixel`` (M,), if given, is added to each RoI's indices (its image's first
+    row in a batch's pixel rows)."""
     offset = 0.5 if aligned else 0.0
     corners = boxes * scale - offset
     extent = corners[:, 2:] - corners[:, :2]  # (M, 2) width, height
@@ -103,14 +117,30 @@ def bin_weights(
         extent = extent.clamp(min=1.0)  # legacy RoIAlign: RoIs at least one pixel
     rows, row_weights = axis_weights(corners[:, 1], extent[:, 1], size, sampling_ratio, height)
     columns, column_weights = axis_weights(corners[:, 0], extent[:, 0], size, sampling_ratio, width)
-    # (M, P, 1, 2s, 1) against (M, 1, P, 1, 2s) -> (M, P, P, 2s, 2s)
-    index = rows[:, :, None, :, None] * width + columns[:, None, :, None, :]
-    weight = row_weights[:, :, None, :, None] * (
-        column_weights[:, None, :, None, :] / sampling_ratio**2
-    )
+    row_start = rows * width
+    if first_pixel is not None:
+        row_start = row_start + first_pixel[:, None, None]
+    index = _outer(torch.add, row_start, columns)
+    weight = _outer(torch.mul, row_weights, column_weights / sampling_ratio**2)
     return index.reshape(boxes.shape[0], size * size, -1), weight.reshape(
         boxes.shape[0], size * size, -1
     )
+
+
+def _outer(op, rows: Tensor, columns: Tensor) -> Tensor:  # noqa: ANN001
+    """``op`` of every bin row's entries (M, P, 2s) with every bin column's (M, P, 2s) -> (M, P,
+    P, 2s, 2s). With s = 1 the entries' axes are two long, and a broadcast over them innermost
+    runs at a fifth of the speed of one op per entry pair over (M, P, P), each written into its
+    place: the same values."""
+    if rows.shape[-1] != 2:
+        return op(rows[:, :, None, :, None], columns[:, None, :, None, :])
+    num_rois, size = rows.shape[:2]
+    dtype = torch.promote_types(rows.dtype, columns.dtype)
+    out = rows.new_empty((num_rois, size, size, 2, 2), dtype=dtype)
+    for a in (0, 1):
+        for b in (0, 1):
+            op(rows[:, :, None, a], columns[:, None, :, b], out=out[..., a, b])
+    return out
 
 
 def transposed_matrix(index: Tensor, weight: Tensor, pixels: int) -> Tensor:
@@ -127,6 +157,33 @@ def transposed_matrix(index: Tensor, weight: Tensor, pixels: int) -> Tensor:
     return torch.sparse_csr_tensor(
         crow, bins, weight.reshape(-1)[order], (pixels, index.shape[0]), check_invariants=False
     )
+
+
+def sparse_roi_align(
+    feature: Tensor,
+    image: Tensor,
+    boxes: Tensor,
+    scale: float,
+    size: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """RoIAlign of ``boxes`` (M, 4), RoI i on image ``image[i]`` (M,) of ``feature`` (k, Ch,
+    H, W) -> (M, Ch, P, P), laid out channels_last. ``feature`` is best channels_last (its pixel
+    rows are then a view; any other layout is copied into them)."""
+    num_images, channels, height, width = feature.shape
+    rows = feature.permute(0, 2, 3, 1).reshape(num_images * height * width, channels)
+    first_pixel = image * (height * width)
+    index, weight = bin_weights(
+        boxes, scale, size, sampling_ratio, aligned, height, width, first_pixel
+    )
+    pooled = torch.nn.functional.embedding_bag(
+        index.reshape(-1, index.shape[-1]),
+        rows,
+        mode="sum",
+        per_sample_weights=weight.reshape(-1, weight.shape[-1]),
+    )  # (B, Ch)
+    return pooled.view(boxes.shape[0], size, size, channels).permute(0, 3, 1, 2)
 
 
 def sparse_roi_align_backward(
