@@ -49,8 +49,10 @@ def nms_per_group(
     host read) and packed into calls of at most that many; an image with more on its own goes to
     batched_nms, which loops over its groups there. This bounds the kernel's quadratic mask.
 
-    ``one_call=False`` hands each range's groups to torchvision's batched_nms instead: better on
-    a CPU when the groups are many and well populated (detections: images x classes).
+    ``one_call=False`` hands each range's groups to torchvision's batched_nms instead, which
+    on a CPU makes one kernel call per group above 1000 boxes (and a host read per group):
+    better there when the groups are several and well populated (detections: images x
+    classes; proposals at inference: images x levels).
     """
     calls = nms_calls(boxes, scores, groups, usable, iou_thresh, one_call)
     return torch.cat(calls) if calls else usable.new_zeros(0, dtype=torch.int64)

@@ -14,6 +14,7 @@ from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHea
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
 
+from frcnn.engine.sync_count import count_host_syncs
 from frcnn.modeling import parallel
 from frcnn.modeling.anchors import AnchorGenerator
 from frcnn.modeling.roi_heads.postprocess import PostprocessSettings, postprocess_detections
@@ -252,6 +253,40 @@ def test_proposal_slots_shrink_to_what_nms_kept(anchors, monkeypatch, workers):
         alone = _proposals_of_image(i, anchors, objectness, deltas, sizes, full)
         assert torch.equal(_valid(batched, i)[0], _valid(alone, 0)[0])
         assert torch.equal(_valid(batched, i)[1], _valid(alone, 0)[1])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_proposals_with_nms_per_group_equal_one_call(anchors, monkeypatch, workers):
+    """one_call=False (the RPN's choice at inference on a CPU): torchvision's batched_nms per
+    job, a kernel call per (image, level) group once a job holds over 1000 candidates, keeps
+    the boxes the one call keeps, in the same order."""
+    monkeypatch.setattr(parallel, "num_workers", lambda device: workers)
+    settings = ProposalSettings(pre_nms_topk=600, post_nms_topk=400, nms_thresh=0.7)
+    objectness, deltas = _rpn_outputs(2, 3, anchors.shape[0])  # 720 candidates per image
+    sizes = torch.tensor(IMAGE_SIZES)
+    results, kernel_calls = [], []
+    for one_call in (True, False):
+        with count_host_syncs() as syncs:
+            results.append(
+                generate_proposals(
+                    anchors,
+                    objectness,
+                    deltas,
+                    sizes,
+                    NUM_ANCHORS_PER_LEVEL,
+                    settings,
+                    RPN_CODER,
+                    one_call=one_call,
+                )
+            )
+        kernel_calls.append(syncs.by_call["torchvision.nms"])
+    # one call per job; per group: 3 images x 2 levels in one job of 2160 candidates, or a job
+    # of 1440 (4 groups) and one of 720 (under batched_nms's bound: its one shifted call)
+    assert kernel_calls == [workers, 6 if workers == 1 else 5]
+    one, per_group = results
+    assert torch.equal(one.valid, per_group.valid) and one.valid.sum() > 300
+    assert torch.equal(one.boxes, per_group.boxes)
+    assert torch.equal(one.scores, per_group.scores)
 
 
 def _torchvision_filter(anchors, objectness, deltas, sizes, settings) -> list[tuple]:

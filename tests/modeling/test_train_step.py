@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
+import frcnn.modeling.rpn.rpn as rpn_module
 from frcnn.build import build_model
 from frcnn.config import (
     AnchorConfig,
@@ -330,3 +331,23 @@ def test_the_box_head_runs_once_in_training_and_per_block_at_inference(monkeypat
     with torch.no_grad():
         model.eval()(_images())
     assert len(calls) == 2 and min(calls) > 0
+
+
+def test_rpn_nms_is_one_call_per_job_in_training_and_per_group_at_cpu_inference(monkeypatch):
+    """A training step keeps one NMS call per job (its host syncs stay flat as the batch
+    grows, tests/modeling/test_host_syncs.py); inference on a CPU takes batched_nms per job."""
+    seen = []
+    real = rpn_module.generate_proposals
+
+    def spy(*args, one_call=True, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(one_call)
+        return real(*args, one_call=one_call, **kwargs)
+
+    monkeypatch.setattr(rpn_module, "generate_proposals", spy)
+    model = build_model(FAMILIES["small"])
+    model.train()
+    model(_images(), _targets())
+    model.eval()
+    with torch.no_grad():
+        model(_images())
+    assert seen == [True, False]

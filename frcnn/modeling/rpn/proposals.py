@@ -6,8 +6,10 @@ num_slots).
 
 Steps, as in the paper and torchvision: per-level top-k by objectness, decode, clip, drop boxes
 smaller than ``min_size`` or scoring under ``score_thresh``, NMS per image and level, keep the best
-K. One NMS call serves the whole batch (groups keyed by image and level). The output has a fixed
-shape with a ``valid`` mask; the only count read on the host is the one NMS needs.
+K. One NMS call serves the whole batch (groups keyed by image and level; one call per CPU
+thread, see topk_per_image.py). The output has a fixed shape with a ``valid`` mask; the only
+count read on the host is the one NMS needs. ``one_call=False`` hands each call's groups to
+torchvision's batched_nms instead (the RPN's choice at inference on a CPU).
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ def generate_proposals(
     num_anchors_per_level: list[int],
     settings: ProposalSettings,
     box_coder: BoxCoder,
+    one_call: bool = True,
 ) -> Proposals:
     """``anchors`` (R, 4), ``objectness`` (N, R) logits, ``deltas`` (N, R, 4), ``image_sizes``
-    (N, 2) of (height, width) -> Proposals. Nothing here is differentiated."""
+    (N, 2) of (height, width) -> Proposals. Nothing here is differentiated. ``one_call``: as
+    topk_per_image.nms_per_group's."""
     objectness = objectness.detach()
     deltas = deltas.detach()
     num_images = objectness.shape[0]
@@ -76,7 +80,7 @@ def generate_proposals(
     num_levels = len(num_anchors_per_level)
     image_ids = torch.arange(num_images, device=boxes.device)[:, None].expand_as(scores)
     groups = image_ids * num_levels + levels
-    calls = nms_calls(boxes, scores, groups, keep, settings.nms_thresh)
+    calls = nms_calls(boxes, scores, groups, keep, settings.nms_thresh, one_call)
     kept = torch.cat(calls)
     kept_image = torch.div(kept, shape[1], rounding_mode="floor")  # flat index -> image
     valid, (out_boxes, out_scores) = scatter_top_per_image(
