@@ -16,8 +16,9 @@ CPU kernels do, which then add one scalar at a time on one thread.
   per-sample weights, whose kernel adds whole rows of channels at a time. Its (B, Ch) output is
   returned as it is, an (M, Ch, P, P) tensor laid out channels_last: transposed into
   torchvision's layout it would cost more than the pooling (a quick-start batch: 60 MB
-  rearranged). The 2-MLP box head flattens such a tensor in its memory order and permutes its
-  first layer's weight to match (box_heads.py); any other consumer sees an ordinary tensor.
+  rearranged). At inference the 2-MLP box head flattens such a tensor in its memory order and
+  permutes its first layer's weight to match (box_heads.py); any other consumer sees an
+  ordinary tensor.
 - Backward: one image's feature gradient is the product S^T G, G (B, Ch) the gradient of its
   RoIs' bins; S^T is built as a CSR matrix (a row per pixel, its bins in their order), and
   PyTorch's sparse-dense product computes it on all cores.
